@@ -1,0 +1,1 @@
+"""Small pieces every part of the project uses: configs, checkpoints, errors."""

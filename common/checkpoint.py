@@ -1,0 +1,219 @@
+"""Checkpoints: a folder with weights in safetensors and a JSON describing them.
+
+    ckpt/
+      config.json              {"kind", "format_version", "config": {...}, "meta": {...}}
+      model.safetensors        the weights (state_dict)
+      train_state.safetensors  optional: optimizer tensors and RNG states, for --resume
+      train_state.json         optional: step, scheduler, optimizer param groups, python RNG
+
+Writing is atomic: everything goes into a fresh sibling folder which then replaces the old
+one with `os.replace`, so a run killed mid-write leaves the previous checkpoint intact.
+Loading never unpickles: tensors come from safetensors, everything else from JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from common.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    kind: str
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    train_state: dict[str, Any] | None = None
+    path: Path | None = None
+
+
+# ---------------------------------------------------------------- writing
+
+def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any],
+                    state_dict: dict[str, torch.Tensor], meta: dict[str, Any] | None = None,
+                    train_state: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint folder atomically. `dtype` (e.g. torch.float16) casts float weights."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tensors = {k: _prepare(v, dtype) for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        header = {"kind": kind, "format_version": FORMAT_VERSION, "config": config, "meta": meta or {}}
+        _write_json(tmp / "config.json", header)
+        if train_state is not None:
+            tensors, info = _flatten_train_state(train_state)
+            save_file(tensors, str(tmp / "train_state.safetensors"))
+            _write_json(tmp / "train_state.json", info)
+        _fsync_dir(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _prepare(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().cpu()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace folder `path` by `tmp`. The old folder is moved aside first because
+    rename cannot replace a non-empty directory; `load_checkpoint` falls back to it if a
+    crash lands between the two renames."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- training state
+
+def _flatten_train_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a nested dict into tensors (for safetensors) and JSON (everything else).
+    A tensor leaf is replaced in the JSON by {"__tensor__": key}."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, prefix: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[prefix] = obj.detach().cpu().contiguous()
+            return {"__tensor__": prefix}
+        if isinstance(obj, dict):
+            return {"__dict__": [[_key(k), walk(v, f"{prefix}.{k}")] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, (np.integer, np.floating)):
+            return obj.item()
+        return obj
+
+    return tensors, walk(state, "s")
+
+
+def _key(k: Any) -> Any:
+    if not isinstance(k, (str, int)):
+        raise TypeError(f"train state keys must be str or int, got {type(k)}")
+    return k
+
+
+def _unflatten_train_state(info: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(info, dict) and "__tensor__" in info:
+        return tensors[info["__tensor__"]]
+    if isinstance(info, dict) and "__dict__" in info:
+        return {k: _unflatten_train_state(v, tensors) for k, v in info["__dict__"]}
+    if isinstance(info, list):
+        return [_unflatten_train_state(v, tensors) for v in info]
+    return info
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy's legacy global RNG and torch, for exact resume."""
+    np_state = np.random.get_state()
+    return {"python": _tuples_to_lists(random.getstate()),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def _tuples_to_lists(obj: Any) -> Any:
+    return [_tuples_to_lists(v) for v in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+# ---------------------------------------------------------------- reading
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The config.json of a checkpoint, with clear errors for missing or broken folders."""
+    path = _resolve(Path(path))
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint (no config.json); pass a checkpoint folder")
+    try:
+        header = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{cfg_file} is corrupt (not JSON); re-save or re-download the checkpoint") from None
+    for key in ("kind", "format_version", "config"):
+        if key not in header:
+            raise CheckpointError(f"{cfg_file} lacks '{key}'; it was not written by this project")
+    return header
+
+
+def load_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None,
+                    with_train_state: bool = False) -> Checkpoint:
+    """Read a checkpoint; `kind` (one or several) rejects checkpoints of other kinds."""
+    path = _resolve(Path(path))
+    header = read_header(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and header["kind"] not in kinds:
+        raise CheckpointError(f"{path} is a '{header['kind']}' checkpoint but a "
+                              f"{' or '.join(repr(k) for k in kinds)} checkpoint is needed here")
+    if header["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {header['format_version']}, this code reads "
+                              f"version {FORMAT_VERSION}; convert it or use a matching release")
+    state_dict = _load_tensors(path / "model.safetensors")
+    train_state = None
+    if with_train_state and (path / "train_state.json").is_file():
+        tensors = _load_tensors(path / "train_state.safetensors")
+        info = json.loads((path / "train_state.json").read_text())
+        train_state = _unflatten_train_state(info, tensors)
+    return Checkpoint(header["kind"], header["config"], state_dict, header.get("meta", {}),
+                      train_state, path)
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is truncated or corrupt ({e}); re-save the checkpoint") from None
+
+
+def _resolve(path: Path) -> Path:
+    """`path`, or the folder a crash left moved aside while swapping it in."""
+    if path.exists():
+        return path
+    leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
+    if leftovers:
+        return leftovers[-1]
+    raise CheckpointError(f"checkpoint {path} not found; check the path")

@@ -1,0 +1,1 @@
+"""Corpus builder, manifests, audio loading, token cache."""

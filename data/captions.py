@@ -1,0 +1,102 @@
+"""Captions from clip metadata, in many phrasings.
+
+A caption is built from a few clauses (what it is, who plays it, tempo, key, meter, mood,
+origin); each clause has synonyms, a random subset is kept and their order varies, so a
+text model has to learn the words rather than one template. Every choice comes from the
+clip's own random generator, so captions are reproducible.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# GM program -> names a caption may use for it.
+INSTRUMENT_NAMES = {
+    0: ["piano", "acoustic piano", "grand piano"], 1: ["bright piano", "piano"], 4: ["electric piano", "Rhodes"],
+    8: ["celesta"], 10: ["music box"], 11: ["vibraphone", "vibes"], 12: ["marimba"], 13: ["xylophone"],
+    16: ["organ", "drawbar organ"], 19: ["church organ", "pipe organ", "organ"], 21: ["accordion"],
+    22: ["harmonica", "blues harp"], 24: ["nylon-string guitar", "classical guitar"],
+    25: ["steel-string guitar", "acoustic guitar"], 26: ["jazz guitar", "hollow-body guitar"],
+    27: ["clean electric guitar", "electric guitar"], 29: ["overdriven guitar", "crunchy guitar"],
+    30: ["distorted guitar", "heavy guitar"], 32: ["upright bass", "acoustic bass", "double bass"],
+    33: ["electric bass", "bass guitar", "fingered bass"], 34: ["picked bass", "bass guitar"],
+    36: ["slap bass"], 37: ["slap bass", "funky bass"], 38: ["synth bass"], 39: ["synth bass", "analog bass"],
+    40: ["violin"], 41: ["viola"], 42: ["cello"], 43: ["double bass", "contrabass"], 46: ["harp"],
+    48: ["string ensemble", "strings"], 49: ["string section", "strings"], 52: ["choir", "voices"],
+    56: ["trumpet"], 57: ["trombone"], 58: ["tuba"], 60: ["French horn", "horn"], 61: ["brass section", "horns"],
+    62: ["synth brass"], 64: ["soprano saxophone", "soprano sax"], 65: ["alto saxophone", "alto sax"],
+    66: ["tenor saxophone", "tenor sax"], 68: ["oboe"], 70: ["bassoon"], 71: ["clarinet"],
+    73: ["flute"], 74: ["recorder"], 75: ["pan flute", "panpipes"], 77: ["shakuhachi"], 78: ["tin whistle", "whistle"],
+    79: ["ocarina"], 80: ["square lead synth", "chiptune synth"], 81: ["sawtooth synth", "synth lead"],
+    85: ["voice-like synth"], 88: ["warm synth pad", "pad"], 89: ["warm pad", "synth pad"], 90: ["polysynth pad"],
+    91: ["choir pad"], 104: ["sitar"], 105: ["banjo"], 107: ["koto"], 109: ["bagpipe", "bagpipes"], 110: ["fiddle"],
+}
+ENSEMBLE_NAMES = {
+    "string_quartet": ["string quartet", "strings"], "brass": ["brass quartet", "brass ensemble"],
+    "woodwinds": ["woodwind quartet", "woodwinds"], "choir": ["choir", "vocal ensemble", "voices"],
+    "organ": ["organ", "church organ"], "piano": ["piano", "solo piano"], "recorders": ["recorder consort", "recorders"],
+    "mixed": ["mixed ensemble", "chamber ensemble"],
+}
+TEMPO_WORDS = [(72, ["slow", "unhurried", "gentle"]), (100, ["moderate", "relaxed", "walking-pace"]),
+               (130, ["upbeat", "lively", "brisk"]), (1000, ["fast", "energetic", "driving"])]
+MOODS = {"major": ["bright", "cheerful", "warm", "happy"], "minor": ["melancholic", "dark", "wistful", "somber"]}
+OPENERS = ["", "This is ", "Here is ", "A recording of ", "Audio of "]
+NOUNS = ["piece", "tune", "track", "recording", "song", "performance"]
+
+
+def pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def tempo_word(bpm: float, rng: np.random.Generator) -> str:
+    return pick(rng, next(words for limit, words in TEMPO_WORDS if bpm < limit))
+
+
+def instrument_name(program: int, rng: np.random.Generator) -> str:
+    return pick(rng, INSTRUMENT_NAMES.get(program, [f"instrument {program}"]))
+
+
+def cap_first(text: str) -> str:
+    """Upper-case the first letter only ('key of D minor' stays as it is)."""
+    return text[:1].upper() + text[1:]
+
+
+def join_words(items: list[str]) -> str:
+    items = list(dict.fromkeys(items))
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def article(phrase: str) -> str:
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def make_caption(meta: dict, rng: np.random.Generator) -> str:
+    """One caption for a clip described by `meta` (style, players, tempo, key, meter, mode,
+    origin)."""
+    style, players = meta["style"], meta["players"]
+    bpm, key, mode = meta["tempo"], meta["key"], meta["mode"]
+    played = pick(rng, [f"played by {players}", f"performed on {players}", f"featuring {players}",
+                        f"for {players}", f"with {players}"])
+    extras = [pick(rng, [f"at {bpm} bpm", f"around {bpm} BPM", f"{tempo_word(bpm, rng)} tempo",
+                         f"{tempo_word(bpm, rng)}, about {bpm} beats per minute", f"tempo {bpm}"]),
+              pick(rng, [f"in {key}", f"key of {key}", f"{key}"]),
+              pick(rng, [f"in {meta['meter']} time", f"{meta['meter']} meter", f"{meta['meter']}"]),
+              pick(rng, [f"{pick(rng, MOODS[mode])} mood", f"sounds {pick(rng, MOODS[mode])}",
+                         f"{pick(rng, MOODS[mode])} feel"])]
+    if meta.get("origin"):
+        extras.append(pick(rng, [f"from {meta['origin']}", f"{meta['origin']} tradition",
+                                 f"traditional music of {meta['origin']}"]))
+    keep = [e for e in extras if rng.random() < 0.6] or [extras[0]]
+    rng.shuffle(keep)
+    form = int(rng.integers(5))
+    if form == 0:
+        text = f"{pick(rng, OPENERS)}{article(style)} {played}, {', '.join(keep)}"
+    elif form == 1:
+        text = f"{cap_first(players)} playing {article(style)}; {', '.join(keep)}"
+    elif form == 2:
+        adjective = pick(rng, [tempo_word(bpm, rng), pick(rng, MOODS[mode])])
+        text = f"{cap_first(adjective)} {style} {played}. {'. '.join(cap_first(k) for k in keep)}"
+    elif form == 3:
+        text = f"{cap_first(', '.join(keep))}: {style} {played}"
+    else:
+        text = f"{cap_first(article(pick(rng, NOUNS)))} of {style} {played}; {', '.join(keep)}"
+    return cap_first(text.strip())
