@@ -1,0 +1,286 @@
+"""The acoustic tokenizer: audio <-> RVQ codes, the sound of everything downstream.
+
+    tok = load_acoustic("pretrained/acoustic")     # or a Hugging Face EnCodec folder
+    codes = tok.encode(wav)                        # [B, 1, N] -> [B, Q, T]
+    wav = tok.decode(codes, length=N)              # [B, Q', T] -> [B, 1, N]; Q' <= Q levels
+    coarse, fine = tok.split(codes, 3)             # [B, 3, T], [B, Q-3, T]
+
+Two backends share this interface, chosen by the checkpoint's kind:
+- `acoustic_spectral` (default): an autoencoder over STFT log-magnitude frames at 50 Hz with
+  RVQ at the bottleneck; the waveform comes back by fast Griffin-Lim. It trains on 2 CPU
+  cores in hours because everything runs at frame rate.
+- `acoustic_encodec`: transformers' `EncodecModel`, from published weights (a Hugging Face
+  folder) or trained here by the same command with `backend=encodec` (a GPU job).
+
+Commands: `python -m audio_tokenizers.acoustic train|roundtrip|evaluate ...`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from audio_tokenizers.rvq import ResidualVQ
+from audio_tokenizers.spectral import griffin_lim, mel_filters, stft
+from common.checkpoint import load_checkpoint, read_header
+from common.config import config_from_dict, register_config
+from common.errors import AudioError, CheckpointError
+from data.audio import resample
+
+LOG_FLOOR = math.log(1e-5)
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "acoustic"
+
+
+@register_config("acoustic")
+@dataclass
+class AcousticConfig:
+    backend: str = "spectral"          # "spectral" or "encodec"
+    sample_rate: int = 24000
+    num_quantizers: int = 8
+    codebook_size: int = 1024
+    quantizer_dropout: float = 0.5     # probability of training a random prefix of levels
+    ema_decay: float = 0.99
+    commit_weight: float = 1.0
+    # spectral codec
+    n_fft: int = 1536                  # 64 ms window: chosen by the Griffin-Lim ceiling (card)
+    hop: int = 480                     # 50 Hz frames at 24 kHz
+    dim: int = 256
+    latent_dim: int = 64
+    encoder_blocks: int = 4
+    decoder_blocks: int = 6
+    kernel: int = 7
+    griffin_lim_iters: int = 32
+    # encodec architecture (backend=encodec)
+    encodec_filters: int = 32
+    encodec_ratios: list[int] = field(default_factory=lambda: [8, 5, 4, 2])
+    encodec_hidden: int = 128
+    # training
+    train_manifest: str = "corpus/train.jsonl"
+    valid_manifest: str = "corpus/valid.jsonl"
+    out: str = "runs/acoustic"
+    steps: int = 20000
+    batch_size: int = 16
+    crop_seconds: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 500
+    grad_clip: float = 1.0
+    log_every: int = 50
+    eval_every: int = 1000
+    ckpt_every: int = 500
+    eval_clips: int = 16
+    eval_seconds: float = 4.0
+    seed: int = 0
+    threads: int = 2
+
+
+# ---------------------------------------------------------------- the spectral codec
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv over time, LayerNorm, pointwise MLP, residual (as in Vocos)."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 3 * dim), nn.GELU(), nn.Linear(3 * dim, dim))
+        self.scale = nn.Parameter(torch.full((dim,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, D, T]
+        h = self.mlp(self.norm(self.conv(x).transpose(1, 2)))
+        return x + (self.scale * h).transpose(1, 2)
+
+
+class SpectralCodec(nn.Module):
+    """log|STFT| [B, F, T] -> latent [B, L, T] -> RVQ -> latent -> log|STFT| [B, F, T]."""
+
+    def __init__(self, cfg: AcousticConfig):
+        super().__init__()
+        self.cfg = cfg
+        bins = cfg.n_fft // 2 + 1
+        self.encoder = nn.Sequential(nn.Conv1d(bins, cfg.dim, 3, padding=1),
+                                     *[ConvNeXtBlock(cfg.dim, cfg.kernel) for _ in range(cfg.encoder_blocks)],
+                                     nn.Conv1d(cfg.dim, cfg.latent_dim, 1))
+        self.rvq = ResidualVQ(cfg.latent_dim, cfg.num_quantizers, cfg.codebook_size, cfg.ema_decay,
+                              cfg.quantizer_dropout)
+        self.decoder = nn.Sequential(nn.Conv1d(cfg.latent_dim, cfg.dim, cfg.kernel, padding=cfg.kernel // 2),
+                                     *[ConvNeXtBlock(cfg.dim, cfg.kernel) for _ in range(cfg.decoder_blocks)])
+        self.head = nn.Conv1d(cfg.dim, bins, 1)
+
+    def log_magnitude(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, N] (N a multiple of hop) -> [B, F, N // hop]: one frame centred on each hop."""
+        spec = stft(wav, self.cfg.n_fft, self.cfg.hop)[..., :-1]
+        return torch.log(spec.abs().clamp(min=1e-5))
+
+    def forward(self, logmag: torch.Tensor, n_q: int | None = None) -> dict[str, torch.Tensor]:
+        z = self.encoder((logmag - LOG_FLOOR / 2) / 5)  # centre the -11.5..5 range
+        q = self.rvq(z, n_q)
+        out = self.head(self.decoder(q["quantized"]))
+        return {**q, "logmag": out.clamp(min=LOG_FLOOR, max=8.0) if not self.training else out}
+
+    def decode_logmag(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder(self.rvq.decode(codes))).clamp(min=LOG_FLOOR, max=8.0)
+
+    def waveform(self, logmag: torch.Tensor) -> torch.Tensor:
+        """[B, F, T] -> [B, T * hop] by Griffin-Lim (the last frame is repeated to close the STFT)."""
+        mag = torch.exp(torch.cat([logmag, logmag[..., -1:]], -1))
+        return griffin_lim(mag, self.cfg.n_fft, self.cfg.hop, logmag.shape[-1] * self.cfg.hop,
+                           self.cfg.griffin_lim_iters)
+
+    def loss(self, logmag_hat: torch.Tensor, logmag: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L1 on log-magnitudes plus L1 on log-mel (perceptual weighting of low frequencies)."""
+        mel = mel_filters(self.cfg.sample_rate, self.cfg.n_fft, 128).to(logmag.device)
+        log_mel = lambda lm: torch.log(mel @ torch.exp(lm) + 1e-5)  # noqa: E731
+        return {"l1_linear": (logmag_hat - logmag).abs().mean(),
+                "l1_mel": (log_mel(logmag_hat) - log_mel(logmag)).abs().mean()}
+
+
+# ---------------------------------------------------------------- the tokenizer interface
+
+def prepare(wav: torch.Tensor, sample_rate: int | None, target_rate: int) -> torch.Tensor:
+    """Check and normalise input audio: [B, C, N] or [B, N] -> mono [B, N] at target_rate."""
+    if wav.dim() == 2:
+        wav = wav[:, None]
+    if wav.dim() != 3:
+        raise AudioError(f"audio must be [B, 1, N], got shape {tuple(wav.shape)}")
+    if not torch.isfinite(wav).all():
+        raise AudioError("audio contains NaN or infinite samples; clean or drop the file")
+    wav = wav.float().mean(1)  # downmix
+    if sample_rate and sample_rate != target_rate:
+        wav = torch.from_numpy(resample(wav.cpu().numpy(), sample_rate, target_rate)).to(wav.device)
+    return wav
+
+
+class SpectralTokenizer:
+    kind = "acoustic_spectral"
+
+    def __init__(self, model: SpectralCodec):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.sample_rate, self.hop = self.cfg.sample_rate, self.cfg.hop
+        self.frame_rate = self.cfg.sample_rate / self.cfg.hop
+        self.num_quantizers, self.codebook_size = self.cfg.num_quantizers, self.cfg.codebook_size
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """[B, 1, N] -> codes [B, Q, ceil(N / hop)] (at least one frame)."""
+        x = prepare(wav, sample_rate, self.sample_rate)
+        frames = max(1, -(-x.shape[-1] // self.hop))
+        x = F.pad(x, (0, frames * self.hop - x.shape[-1]))
+        return self.model.rvq.encode(self.model.encoder((self.model.log_magnitude(x) - LOG_FLOOR / 2) / 5))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """codes [B, Q', T] -> [B, 1, length or T * hop]."""
+        check_codes(codes, self)
+        wav = self.model.waveform(self.model.decode_logmag(codes))
+        return fit_length(wav, length)[:, None]
+
+    def split(self, codes: torch.Tensor, n_coarse: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return codes[:, :n_coarse], codes[:, n_coarse:]
+
+    def join(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        return torch.cat([coarse, fine], 1)
+
+
+def check_codes(codes: torch.Tensor, tok) -> None:
+    if codes.dim() != 3 or not 1 <= codes.shape[1] <= tok.num_quantizers:
+        raise ValueError(f"codes must be [B, Q', T] with 1 <= Q' <= {tok.num_quantizers}, got {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= tok.codebook_size):
+        raise ValueError(f"code ids must lie in [0, {tok.codebook_size}), got {int(codes.min())}..{int(codes.max())}")
+
+
+def fit_length(wav: torch.Tensor, length: int | None) -> torch.Tensor:
+    if length is None:
+        return wav
+    return wav[..., :length] if wav.shape[-1] >= length else F.pad(wav, (0, length - wav.shape[-1]))
+
+
+def build_codec(cfg: AcousticConfig) -> nn.Module:
+    if cfg.backend == "spectral":
+        return SpectralCodec(cfg)
+    if cfg.backend == "encodec":
+        from audio_tokenizers.encodec import TrainableEncodec
+        return TrainableEncodec(cfg)
+    raise ValueError(f"unknown backend '{cfg.backend}'; use 'spectral' or 'encodec'")
+
+
+def tokenizer_for(model: nn.Module):
+    if isinstance(model, SpectralCodec):
+        return SpectralTokenizer(model)
+    from audio_tokenizers.encodec import EncodecTokenizer
+    return EncodecTokenizer.from_trained(model)
+
+
+def load_acoustic(path: str | Path | None = None):
+    """A tokenizer from a project checkpoint (kind acoustic_spectral / acoustic_encodec) or a
+    Hugging Face EnCodec folder (e.g. a local copy of facebook/encodec_24khz)."""
+    path = Path(path) if path else DEFAULT_CHECKPOINT
+    if (path / "config.json").is_file() and "model_type" in read_json(path / "config.json"):
+        from audio_tokenizers.encodec import EncodecTokenizer
+        return EncodecTokenizer.from_pretrained(path)
+    if not path.exists() and path == DEFAULT_CHECKPOINT:
+        raise CheckpointError(f"no shipped acoustic codec at {path}; train one with "
+                              "`python -m audio_tokenizers.acoustic train` or pass --checkpoint")
+    header = read_header(path)
+    ck = load_checkpoint(path, kind=("acoustic_spectral", "acoustic_encodec"))
+    cfg = config_from_dict(AcousticConfig, header["config"], str(path))
+    model = build_codec(cfg)
+    model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()})
+    return tokenizer_for(model)
+
+
+def read_json(path: Path) -> dict:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} is not valid JSON") from None
+
+
+# ---------------------------------------------------------------- command line
+
+def main() -> None:
+    import argparse
+
+    from common.config import load_config
+    from common.errors import UserError
+    from data.audio import load_audio, write_wav
+
+    ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.acoustic", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a codec on a manifest")
+    tr.add_argument("--config", default="configs/acoustic.yaml")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tr.add_argument("overrides", nargs="*", help="key=value")
+    rt = sub.add_parser("roundtrip", help="encode and decode one file")
+    rt.add_argument("input")
+    rt.add_argument("output")
+    rt.add_argument("--checkpoint", default=None)
+    rt.add_argument("--levels", type=int, default=None, help="decode with the first Q levels")
+    args = ap.parse_args()
+    if args.command == "train":
+        from audio_tokenizers.acoustic_train import train
+        train(load_config(AcousticConfig, args.config, args.overrides), resume=args.resume)
+        return
+    tok = load_acoustic(args.checkpoint)
+    levels = args.levels or tok.num_quantizers
+    if not 1 <= levels <= tok.num_quantizers:
+        raise UserError(f"--levels must be between 1 and {tok.num_quantizers}")
+    if not Path(args.output).parent.is_dir():
+        raise UserError(f"cannot write {args.output}: its folder does not exist")
+    wav = torch.from_numpy(load_audio(args.input, tok.sample_rate, allow_silent=True))[None, None]
+    codes = tok.encode(wav)
+    out = tok.decode(codes[:, :levels], length=wav.shape[-1])
+    write_wav(args.output, out[0, 0].numpy(), tok.sample_rate)
+    print(f"{args.input}: {wav.shape[-1] / tok.sample_rate:.2f} s -> codes {list(codes.shape[1:])} "
+          f"({levels} levels decoded) -> {args.output}")
+
+
+if __name__ == "__main__":
+    from common.errors import run_cli
+    run_cli(main)
