@@ -8,14 +8,26 @@ checks which of the parts named in configs/pipeline.yaml exist and says what is 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
+from common.config import load_config, register_config
 from common.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
+
+
+@register_config("pipeline")
+@dataclass
+class PipelineParts:
+    """The checkpoint folder of each part (relative paths are relative to the repository)."""
+    mulan: str = "pretrained/mulan"
+    semantic_tokenizer: str = "pretrained/semantic_tokenizer"
+    acoustic: str = "pretrained/acoustic"
+    semantic: str = "pretrained/semantic"
+    coarse: str = "pretrained/coarse"
+    fine: str = "pretrained/fine"
 
 
 def main() -> int:
@@ -26,7 +38,7 @@ def main() -> int:
     args = ap.parse_args()
     if any(not t.strip() for t in args.text):
         raise UserError("--text is empty; describe the music, e.g. --text \"calm solo piano\"")
-    parts = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    parts = asdict(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml"))
     for item in args.stage:
         name, _, path = item.partition("=")
         if name not in PARTS or not path:

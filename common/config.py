@@ -138,7 +138,7 @@ def register_config(name: str):
     return wrap
 
 
-CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic"}
+CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "pipeline": "pipeline"}
 
 
 def config_class(path: str | Path) -> type:
