@@ -7,9 +7,6 @@ and all levels, SI-SNR for EnCodec, per-level codebook perplexity) appended to
 """
 from __future__ import annotations
 
-import json
-import math
-import signal
 import time
 from pathlib import Path
 
@@ -18,20 +15,17 @@ import torch
 from tqdm import tqdm
 
 from audio_tokenizers.acoustic import AcousticConfig, build_codec, tokenizer_for
-from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.config import config_to_dict, format_config
 from common.errors import UserError
-from data.audio import crop_or_pad, load_audio
+from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from data.audio import crop_or_pad
 from data.dataset import ClipDataset
 from data.manifest import SkipCounter, iter_audio, read_manifest
 from evaluation.metrics import mel_distance, si_snr
 
 
 def lr_at(step: int, cfg: AcousticConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
 
 
 def eval_set(cfg: AcousticConfig) -> torch.Tensor:
@@ -75,31 +69,22 @@ def train(cfg: AcousticConfig, resume: bool = False) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.8, 0.99))
     step = 0
     if resume:
-        ck = load_checkpoint(out / "last", kind=model_kind(cfg), with_train_state=True)
-        model.load_state_dict(ck.state_dict)
-        opt.load_state_dict(ck.train_state["optimizer"])
-        set_rng_state(ck.train_state["rng"])
-        step = ck.train_state["step"]
-        print(f"resumed from {out / 'last'} at step {step}", flush=True)
+        step = resume_run(out, model_kind(cfg), model, opt)["step"]
     rows = read_manifest(cfg.train_manifest)
     data = ClipDataset(rows, cfg.sample_rate, int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
     clips = eval_set(cfg)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
           f"{len(rows)} training clips; {len(clips)} held-out clips", flush=True)
 
-    stop = {"now": False}
-    handler = lambda *_: stop.update(now=True)  # noqa: E731
-    signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, handler)
+    stop = StopFlag()
 
     def save() -> None:
-        save_checkpoint(out / "last", model_kind(cfg), config_to_dict(cfg), model.state_dict(),
-                        meta={"step": step}, train_state={"step": step, "optimizer": opt.state_dict(),
-                                                          "rng": rng_state()})
+        save_run(out, model_kind(cfg), config_to_dict(cfg), model, opt, step)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="acoustic", mininterval=5.0)
     model.train()
     t0, seen = time.time(), 0
-    while step < cfg.steps and not stop["now"]:
+    while step < cfg.steps and not stop.now:
         data.epoch = step  # a new crop per step, reproducible on resume
         idx = np.random.randint(0, len(data), cfg.batch_size)
         wav = torch.stack([data[int(i)] for i in idx])
@@ -120,9 +105,10 @@ def train(cfg: AcousticConfig, resume: bool = False) -> Path:
                       **{k.lstrip("_"): float(v) if v.numel() == 1 else [round(float(x), 1) for x in v]
                          for k, v in losses.items()}}
             bar.set_postfix(loss=f"{float(loss):.3f}")
-            log(out, record)
+            log_jsonl(out, record)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            log(out, {"step": step, "eval": evaluate(model, clips, cfg), "skipped": data.skips.summary()})
+            log_jsonl(out, {"step": step, "eval": evaluate(model, clips, cfg), "skipped": data.skips.summary()},
+                      echo=True)
         if step % cfg.ckpt_every == 0:
             save()
     save()
@@ -141,10 +127,3 @@ def spectral_loss(model, wav: torch.Tensor) -> dict[str, torch.Tensor]:
 def model_kind(cfg: AcousticConfig) -> str:
     return "acoustic_spectral" if cfg.backend == "spectral" else "acoustic_encodec"
 
-
-def log(out: Path, record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if "eval" in record:
-        tqdm.write(json.dumps(record))

@@ -138,7 +138,8 @@ def register_config(name: str):
     return wrap
 
 
-CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "pipeline": "pipeline"}
+CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "semantic_tokenizer": "audio_tokenizers.semantic",
+                  "pipeline": "pipeline"}
 
 
 def config_class(path: str | Path) -> type:

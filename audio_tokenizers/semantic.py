@@ -1,0 +1,225 @@
+"""Semantic tokens: k-means cluster ids of one layer of a self-supervised audio model.
+
+    tok = load_semantic("pretrained/semantic_tokenizer")
+    ids = tok.encode(wav)            # [B, 1, N] -> [B, T_s], T_s = ceil(N / 960) at 24 kHz (25 Hz)
+
+Feature backends (swappable for ablations, all behind the same k-means):
+- `w2vbert`: transformers' `Wav2Vec2BertModel` (the w2v-BERT 2.0 conformer) at a small size,
+  fed with log-mel frames stacked to 25 Hz, trained here with BEST-RQ (semantic_train.py);
+- `pretrained`: any Wav2Vec2Bert or HuBERT folder saved by `save_pretrained` (e.g. a local
+  copy of facebook/w2v-bert-2.0), with its own feature extractor, pooled to 25 Hz;
+- `logmel`: the stacked log-mel frames themselves, the no-SSL baseline.
+
+Commands: `python -m audio_tokenizers.semantic train|kmeans|encode ...`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from audio_tokenizers.acoustic import prepare
+from audio_tokenizers.spectral import mel_filters, stft
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.config import config_from_dict, config_to_dict, register_config
+from common.errors import CheckpointError
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "semantic_tokenizer"
+
+
+@register_config("semantic_tokenizer")
+@dataclass
+class SemanticTokenizerConfig:
+    backend: str = "w2vbert"           # "w2vbert", "pretrained" or "logmel"
+    pretrained_path: str = ""          # Hugging Face folder, for backend=pretrained
+    layer: int = 4                     # hidden_states index whose activations are clustered
+    codebook_size: int = 1024          # k of k-means
+    sample_rate: int = 24000
+    n_mels: int = 80
+    mel_hop: int = 240                 # 100 Hz mel frames ...
+    stack: int = 4                     # ... stacked by 4: 25 Hz tokens of 320 dims
+    # the conformer (backend=w2vbert)
+    hidden_size: int = 256
+    layers: int = 6
+    heads: int = 4
+    ffn_size: int = 1024
+    conv_kernel: int = 15
+    # BEST-RQ self-supervision
+    rq_codebook_size: int = 1024
+    rq_dim: int = 16
+    mask_prob: float = 0.1             # probability that a masked span starts at a frame
+    mask_span: int = 5                 # frames (200 ms); ~40% of frames end up masked
+    # training
+    train_manifest: str = "corpus/train.jsonl"
+    valid_manifest: str = "corpus/valid.jsonl"
+    out: str = "runs/semantic_tokenizer"
+    steps: int = 3000
+    batch_size: int = 16
+    crop_seconds: float = 4.0
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: int = 300
+    grad_clip: float = 1.0
+    log_every: int = 50
+    eval_every: int = 500
+    ckpt_every: int = 250
+    eval_clips: int = 32
+    kmeans_clips: int = 1500
+    kmeans_frames: int = 150000
+    seed: int = 0
+    threads: int = 2
+
+    @property
+    def hop(self) -> int:
+        return self.mel_hop * self.stack
+
+
+def log_mel_frames(wav: torch.Tensor, cfg: SemanticTokenizerConfig) -> torch.Tensor:
+    """[B, N] -> per-clip normalised log-mel frames stacked to [B, ceil(N / hop), n_mels * stack]."""
+    frames = max(1, -(-wav.shape[-1] // cfg.hop))
+    wav = F.pad(wav, (0, frames * cfg.hop - wav.shape[-1]))
+    mag = stft(wav, 4 * cfg.mel_hop, cfg.mel_hop).abs()[..., :-1]            # [B, F, 4T]
+    mel = torch.log(mel_filters(cfg.sample_rate, 4 * cfg.mel_hop, cfg.n_mels).to(wav.device) @ mag + 1e-5)
+    mel = (mel - mel.mean(-1, keepdim=True)) / (mel.std(-1, keepdim=True, unbiased=False) + 1e-3)
+    B, M, T4 = mel.shape
+    return mel.transpose(1, 2).reshape(B, frames, cfg.stack * M)
+
+
+def build_conformer(cfg: SemanticTokenizerConfig):
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+    hf = Wav2Vec2BertConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+                            num_attention_heads=cfg.heads, intermediate_size=cfg.ffn_size,
+                            feature_projection_input_dim=cfg.n_mels * cfg.stack, add_adapter=False,
+                            conv_depthwise_kernel_size=cfg.conv_kernel, layerdrop=0.0,
+                            mask_time_prob=0.05)  # > 0 so that the learned mask embedding exists
+    return Wav2Vec2BertModel(hf)
+
+
+class PretrainedFeatures(nn.Module):
+    """A published Wav2Vec2Bert/HuBERT folder: its feature extractor, its layer, pooled to 25 Hz."""
+
+    def __init__(self, path: str, cfg: SemanticTokenizerConfig):
+        super().__init__()
+        from transformers import AutoFeatureExtractor, AutoModel
+        try:
+            self.extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot load a pretrained feature model from {path} "
+                                  f"({str(e).splitlines()[0]})") from None
+        self.rate = self.extractor.sampling_rate
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        from data.audio import resample
+        frames = max(1, -(-wav.shape[-1] // self.cfg.hop))
+        x = resample(wav.cpu().numpy(), self.cfg.sample_rate, self.rate)
+        x = np.pad(x, ((0, 0), (0, max(0, self.rate // 5 - x.shape[-1]))))  # extractors need >= 0.2 s
+        inputs = self.extractor(list(x), sampling_rate=self.rate, return_tensors="pt", padding=True)
+        hidden = self.model(**inputs, output_hidden_states=True).hidden_states[self.cfg.layer]
+        pooled = F.adaptive_avg_pool1d(hidden.transpose(1, 2), frames).transpose(1, 2)
+        return pooled
+
+
+class SemanticTokenizer:
+    """Features of one backend, assigned to the nearest of k centroids."""
+
+    kind = "semantic_tokenizer"
+
+    def __init__(self, cfg: SemanticTokenizerConfig, centroids: torch.Tensor, model: nn.Module | None = None):
+        self.cfg, self.centroids = cfg, centroids.float()
+        self.model = model.eval() if model is not None else None
+        self.sample_rate, self.hop = cfg.sample_rate, cfg.hop
+        self.frame_rate = cfg.sample_rate / cfg.hop
+        self.codebook_size = len(centroids)
+        if cfg.backend == "pretrained" and self.model is None:
+            self.model = PretrainedFeatures(cfg.pretrained_path, cfg)
+
+    @torch.no_grad()
+    def features(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """[B, 1, N] -> [B, T_s, D], the vectors that k-means clusters."""
+        x = prepare(wav, sample_rate, self.sample_rate)
+        if self.cfg.backend == "logmel":
+            return log_mel_frames(x, self.cfg)
+        if self.cfg.backend == "pretrained":
+            return self.model(x)
+        hidden = self.model(log_mel_frames(x, self.cfg), output_hidden_states=True).hidden_states
+        return hidden[self.cfg.layer]
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """[B, 1, N] -> ids [B, ceil(N / hop)] in [0, codebook_size)."""
+        feats = self.features(wav, sample_rate)
+        B, T, D = feats.shape
+        return torch.cdist(feats.reshape(B * T, D), self.centroids).argmin(1).reshape(B, T)
+
+    def save(self, path: str | Path) -> None:
+        state = {"centroids": self.centroids}
+        if self.cfg.backend == "w2vbert":
+            state.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        save_checkpoint(path, self.kind, config_to_dict(self.cfg), state)
+
+
+def load_semantic(path: str | Path | None = None) -> SemanticTokenizer:
+    path = Path(path) if path else DEFAULT_CHECKPOINT
+    if not path.exists() and path == DEFAULT_CHECKPOINT:
+        raise CheckpointError(f"no shipped semantic tokenizer at {path}; train one with "
+                              "`python -m audio_tokenizers.semantic train` or pass --checkpoint")
+    ck = load_checkpoint(path, kind="semantic_tokenizer")
+    cfg = config_from_dict(SemanticTokenizerConfig, ck.config, str(path))
+    model = None
+    if cfg.backend == "w2vbert":
+        model = build_conformer(cfg)
+        model.load_state_dict({k[6:]: v.float() for k, v in ck.state_dict.items() if k.startswith("model.")})
+    return SemanticTokenizer(cfg, ck.state_dict["centroids"], model)
+
+
+# ---------------------------------------------------------------- command line
+
+def main() -> None:
+    import argparse
+
+    from common.config import load_config
+    from common.errors import UserError
+    from data.audio import load_audio
+
+    ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.semantic", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="self-supervised training (BEST-RQ), then k-means")
+    km = sub.add_parser("kmeans", help="fit k-means for any backend and save a tokenizer")
+    for p in (tr, km):
+        p.add_argument("--config", default="configs/semantic_tokenizer.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value")
+    tr.add_argument("--resume", action="store_true")
+    km.add_argument("--model", default=None, help="a trained tokenizer/run whose conformer to reuse")
+    km.add_argument("--out", required=True, help="tokenizer checkpoint folder to write")
+    en = sub.add_parser("encode", help="print the token ids of audio files")
+    en.add_argument("files", nargs="+")
+    en.add_argument("--checkpoint", default=None)
+    args = ap.parse_args()
+    if args.command in ("train", "kmeans"):
+        from audio_tokenizers import semantic_train
+        cfg = load_config(SemanticTokenizerConfig, args.config, args.overrides)
+        if args.command == "train":
+            semantic_train.train(cfg, resume=args.resume)
+        else:
+            semantic_train.kmeans_command(cfg, args.model, Path(args.out))
+        return
+    tok = load_semantic(args.checkpoint)
+    for f in args.files:
+        try:
+            wav = torch.from_numpy(load_audio(f, tok.sample_rate, allow_silent=True))[None, None]
+        except UserError as e:
+            raise UserError(f"{e}") from None
+        ids = tok.encode(wav)[0]
+        print(f"{f} " + " ".join(str(int(i)) for i in ids))
+
+
+if __name__ == "__main__":
+    from common.errors import run_cli
+    run_cli(main)

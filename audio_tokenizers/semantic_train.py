@@ -1,0 +1,174 @@
+"""Self-supervised training of the semantic model (BEST-RQ), then k-means on one layer.
+
+BEST-RQ (Chiu et al. 2022): a frozen random projection and a frozen random codebook give
+every input frame a target id (nearest codeword by cosine); spans of input frames are
+replaced by a learned mask embedding and the model predicts the targets of the masked
+frames. No labels, no negatives, no second network; targets never drift.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from audio_tokenizers.semantic import (SemanticTokenizer, SemanticTokenizerConfig, build_conformer,
+                                       load_semantic, log_mel_frames)
+from common.checkpoint import load_checkpoint
+from common.config import config_from_dict, config_to_dict, format_config
+from common.errors import UserError
+from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from data.audio import crop_or_pad
+from data.dataset import ClipDataset
+from data.manifest import SkipCounter, iter_audio, read_manifest
+
+
+class BestRQ(nn.Module):
+    """Conformer + prediction head + the frozen random-projection quantizer."""
+
+    def __init__(self, cfg: SemanticTokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_conformer(cfg)
+        self.head = nn.Linear(cfg.hidden_size, cfg.rq_codebook_size)
+        g = torch.Generator().manual_seed(1234)
+        dim = cfg.n_mels * cfg.stack
+        self.register_buffer("projection", torch.randn(dim, cfg.rq_dim, generator=g) / dim ** 0.5)
+        self.register_buffer("codebook", F.normalize(torch.randn(cfg.rq_codebook_size, cfg.rq_dim, generator=g), dim=1))
+
+    def targets(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T] ids of the nearest random codeword."""
+        return (F.normalize(feats @ self.projection, dim=-1) @ self.codebook.t()).argmax(-1)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cross-entropy on masked frames, accuracy on masked frames)."""
+        hidden = self.model(feats, mask_time_indices=mask).last_hidden_state
+        logits = self.head(hidden[mask])
+        target = self.targets(feats)[mask]
+        return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+
+
+def span_mask(B: int, T: int, cfg: SemanticTokenizerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, T] bool: spans of `mask_span` frames starting at each frame with `mask_prob`."""
+    starts = torch.rand(B, T, generator=generator) < cfg.mask_prob
+    starts[:, 0] |= ~starts.any(1)  # at least one span per row
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for k in range(cfg.mask_span):
+        mask[:, k:] |= starts[:, : T - k]
+    return mask
+
+
+def clips_from(manifest: str, cfg: SemanticTokenizerConfig, n: int, seconds: float) -> torch.Tensor:
+    skips, out = SkipCounter(), []
+    for _, wav in iter_audio(read_manifest(manifest)[: 2 * n], cfg.sample_rate, skips):
+        out.append(torch.from_numpy(crop_or_pad(wav, int(seconds * cfg.sample_rate)).copy()))
+        if len(out) == n:
+            break
+    if not out:
+        raise UserError(f"no readable clips in {manifest}; {skips.summary()}")
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def masked_accuracy(net: BestRQ, clips: torch.Tensor, cfg: SemanticTokenizerConfig) -> float:
+    net.eval()
+    feats = log_mel_frames(clips, cfg)
+    mask = span_mask(*feats.shape[:2], cfg, torch.Generator().manual_seed(0))
+    _, acc = net(feats, mask)
+    net.train()
+    return float(acc)
+
+
+def train(cfg: SemanticTokenizerConfig, resume: bool = False) -> Path:
+    torch.set_num_threads(cfg.threads)
+    print(format_config(cfg), flush=True)
+    if cfg.backend != "w2vbert":
+        raise UserError(f"train needs backend=w2vbert; for backend={cfg.backend} run the kmeans command")
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed)
+    net = BestRQ(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = resume_run(out, "semantic_ssl", net, opt)["step"] if resume else 0
+    data = ClipDataset(read_manifest(cfg.train_manifest), cfg.sample_rate,
+                       int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
+    held_out = clips_from(cfg.valid_manifest, cfg, cfg.eval_clips, cfg.crop_seconds)
+    print(f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", flush=True)
+    stop, t0 = StopFlag(), time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="semantic", mininterval=5.0)
+    while step < cfg.steps and not stop.now:
+        data.epoch = step
+        wav = torch.stack([data[int(i)] for i in np.random.randint(0, len(data), cfg.batch_size)])[:, 0]
+        feats = log_mel_frames(wav, cfg)
+        loss, acc = net(feats, span_mask(*feats.shape[:2], cfg))
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
+            log_jsonl(out, {"step": step, "loss": loss.item(), "masked_acc": acc.item(),
+                            "elapsed_s": round(time.time() - t0, 1)})
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            log_jsonl(out, {"step": step, "heldout_masked_acc": masked_accuracy(net, held_out, cfg)}, echo=True)
+        if step % cfg.ckpt_every == 0:
+            save_run(out, "semantic_ssl", config_to_dict(cfg), net, opt, step)
+    save_run(out, "semantic_ssl", config_to_dict(cfg), net, opt, step)
+    bar.close()
+    if stop.now:
+        print(f"stopped at step {step}; continue with --resume", flush=True)
+        return out / "last"
+    tok = fit_kmeans(cfg, net.model)
+    tok.save(out / "tokenizer")
+    print(f"saved the tokenizer (conformer + k-means, k={cfg.codebook_size}) to {out / 'tokenizer'}", flush=True)
+    return out / "tokenizer"
+
+
+def fit_kmeans(cfg: SemanticTokenizerConfig, model: nn.Module | None) -> SemanticTokenizer:
+    """Mini-batch k-means on `kmeans_frames` frames of layer `cfg.layer` over the training split."""
+    from sklearn.cluster import MiniBatchKMeans
+    probe = SemanticTokenizer(cfg, torch.zeros(1, 1), model)
+    rows = read_manifest(cfg.train_manifest)
+    rng = np.random.default_rng(cfg.seed)
+    rows = [rows[i] for i in rng.permutation(len(rows))[: cfg.kmeans_clips]]
+    feats, skips = [], SkipCounter()
+    for _, wav in tqdm(iter_audio(rows, cfg.sample_rate, skips), total=len(rows), desc="k-means features",
+                       mininterval=5.0):
+        feats.append(probe.features(torch.from_numpy(wav)[None, None])[0])
+    x = torch.cat(feats).numpy()
+    x = x[rng.permutation(len(x))[: cfg.kmeans_frames]]
+    if len(x) < cfg.codebook_size:
+        raise UserError(f"only {len(x)} frames for k={cfg.codebook_size}; use more clips or a smaller k")
+    km = MiniBatchKMeans(cfg.codebook_size, batch_size=4096, n_init=1, max_iter=50, random_state=cfg.seed,
+                         reassignment_ratio=0.01).fit(x)
+    print(f"k-means on {len(x)} frames of {x.shape[1]} dims; {skips.summary()}", flush=True)
+    return SemanticTokenizer(cfg, torch.from_numpy(km.cluster_centers_).float(), model)
+
+
+def kmeans_command(cfg: SemanticTokenizerConfig, model_path: str | None, out: Path) -> None:
+    """Fit and save a tokenizer for any backend (w2vbert needs --model: a run or a tokenizer)."""
+    torch.set_num_threads(cfg.threads)
+    print(format_config(cfg), flush=True)
+    model = None
+    if cfg.backend == "w2vbert":
+        if not model_path:
+            raise UserError("backend=w2vbert needs --model (a training run's last/ or a tokenizer)")
+        header = load_checkpoint(model_path, kind=("semantic_ssl", "semantic_tokenizer"))
+        trained = config_from_dict(SemanticTokenizerConfig, header.config, model_path)
+        if header.kind == "semantic_tokenizer":
+            model = load_semantic(model_path).model
+        else:
+            net = BestRQ(trained)
+            net.load_state_dict(header.state_dict)
+            model = net.model
+        for key in ("hidden_size", "layers", "heads", "ffn_size", "conv_kernel", "n_mels", "stack", "mel_hop"):
+            setattr(cfg, key, getattr(trained, key))
+    fit_kmeans(cfg, model).save(out)
+    print(f"saved {out}")

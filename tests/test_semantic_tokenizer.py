@@ -1,0 +1,129 @@
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig, build_conformer, load_semantic
+from audio_tokenizers.semantic_train import BestRQ, fit_kmeans, span_mask
+from common.config import load_config
+from common.errors import AudioError, CheckpointError
+from tests.helpers import ROOT, assert_clean_error, run_module, sine
+
+
+def debug_cfg(**kw) -> SemanticTokenizerConfig:
+    return load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml",
+                       [f"{k}={v}" for k, v in kw.items()])
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sem")
+    rows = []
+    for i, f in enumerate([220, 330, 440, 550, 660, 880]):
+        sf.write(d / f"{i}.wav", sine(f, 2.0, 24000), 24000)
+        rows.append(json.dumps({"audio": f"{i}.wav", "caption": ""}))
+    (d / "m.jsonl").write_text("\n".join(rows) + "\n")
+    return d / "m.jsonl"
+
+
+def published_w2vbert(tmp_path):
+    """A tiny random Wav2Vec2Bert + its feature extractor, saved like facebook/w2v-bert-2.0."""
+    from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertModel
+    torch.manual_seed(0)
+    Wav2Vec2BertModel(Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, add_adapter=False)).save_pretrained(tmp_path / "w2v")
+    SeamlessM4TFeatureExtractor().save_pretrained(tmp_path / "w2v")
+    return tmp_path / "w2v"
+
+
+def tokenizer(backend: str, manifest, tmp_path) -> SemanticTokenizer:
+    torch.manual_seed(0)
+    extra = {"pretrained_path": str(published_w2vbert(tmp_path)), "layer": 1} if backend == "pretrained" else {}
+    cfg = debug_cfg(backend=backend, train_manifest=str(manifest), **extra)
+    return fit_kmeans(cfg, build_conformer(cfg) if backend == "w2vbert" else None)
+
+
+@pytest.mark.parametrize("backend", ["w2vbert", "pretrained", "logmel"])
+def test_backends_encode_at_25_hz_and_round_trip_through_a_checkpoint(backend, manifest, tmp_path):
+    tok = tokenizer(backend, manifest, tmp_path)
+    assert tok.frame_rate == 25.0 and tok.codebook_size == 16
+    for n in (24000, 24001, 500):
+        ids = tok.encode(torch.from_numpy(sine(440, n / 24000, 24000))[None, None])
+        assert ids.shape == (1, max(1, -(-n // 960))) and ids.dtype == torch.int64
+        assert 0 <= int(ids.min()) and int(ids.max()) < 16
+    wav = torch.from_numpy(sine(330, 1.0, 24000) + sine(500, 1.0, 24000, 0.1))[None, None]
+    tok.save(tmp_path / "tok")
+    again = load_semantic(tmp_path / "tok")
+    assert torch.equal(again.encode(wav), tok.encode(wav))
+
+
+def test_bad_input(manifest, tmp_path):
+    tok = tokenizer("w2vbert", manifest, tmp_path)
+    assert tok.encode(torch.zeros(1, 1, 10)).shape == (1, 1)                 # shorter than a frame
+    assert tok.encode(torch.zeros(1, 1, 24000)).shape == (1, 25)             # silence
+    nan = torch.zeros(1, 1, 2400)
+    nan[..., 3] = float("nan")
+    with pytest.raises(AudioError, match="NaN"):
+        tok.encode(nan)
+    at16 = torch.from_numpy(sine(440, 1.0, 16000))[None, None]               # resampled
+    at24 = torch.from_numpy(sine(440, 1.0, 24000))[None, None]
+    a, b = tok.encode(at16, sample_rate=16000), tok.encode(at24)
+    assert a.shape == b.shape and (a == b).float().mean() > 0.8
+
+
+def test_span_mask_covers_about_40_percent():
+    cfg = debug_cfg(mask_prob=0.1, mask_span=5)
+    m = span_mask(64, 100, cfg, torch.Generator().manual_seed(0))
+    assert 0.3 < m.float().mean() < 0.5 and m.any(1).all()
+    runs = torch.diff(m[0].int())  # spans are at least mask_span long
+    starts, ends = (runs == 1).nonzero().flatten(), (runs == -1).nonzero().flatten()
+    if len(starts) and len(ends) and ends[0] > starts[0]:
+        assert int(ends[0] - starts[0]) >= 5
+
+
+def test_best_rq_learns_to_predict_masked_targets(manifest):
+    from audio_tokenizers.semantic import log_mel_frames
+    torch.manual_seed(0)
+    cfg = debug_cfg()
+    net = BestRQ(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    wav = torch.stack([torch.from_numpy(sine(f, 1.0, 24000)) for f in (220, 440, 660, 880)])
+    feats = log_mel_frames(wav, cfg)
+    mask = span_mask(*feats.shape[:2], cfg, torch.Generator().manual_seed(1))
+    first = None
+    for _ in range(60):
+        loss, acc = net(feats, mask)
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.3 * first and float(acc) > 0.9
+
+
+def test_train_resume_and_encode_cli(manifest, tmp_path):
+    args = ["audio_tokenizers.semantic", "train", "--config", "configs/debug/semantic_tokenizer.yaml",
+            f"train_manifest={manifest}", f"valid_manifest={manifest}", f"out={tmp_path / 'run'}"]
+    proc = run_module(*args, "steps=10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any("heldout_masked_acc" in r for r in log)
+    proc = run_module(*args, "steps=20", "--resume")
+    assert proc.returncode == 0 and "at step 10" in proc.stdout, proc.stderr[-2000:]
+    wav = manifest.parent / "2.wav"
+    proc = run_module("audio_tokenizers.semantic", "encode", str(wav), str(wav),
+                      "--checkpoint", str(tmp_path / "run/tokenizer"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(str(wav))
+    assert len(lines[0].split()) == 1 + 50
+    assert_clean_error(run_module("audio_tokenizers.semantic", "encode", str(tmp_path / "none.wav"),
+                                  "--checkpoint", str(tmp_path / "run/tokenizer")), "unreadable")
+    assert_clean_error(run_module("audio_tokenizers.semantic", "encode", str(wav),
+                                  "--checkpoint", str(tmp_path / "run/last")), "semantic_ssl")
+
+
+def test_published_folder_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot load a pretrained"):
+        SemanticTokenizer(debug_cfg(backend="pretrained", pretrained_path=str(tmp_path)), torch.zeros(4, 8))
