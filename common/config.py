@@ -139,6 +139,7 @@ def register_config(name: str):
 
 
 CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "semantic_tokenizer": "audio_tokenizers.semantic",
+                  "mulan": "audio_tokenizers.mulan",
                   "pipeline": "pipeline"}
 
 

@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from audio_tokenizers.mulan import ClapConditioner, MuLan, MuLanConfig, load_conditioner
+from audio_tokenizers.mulan_train import retrieval, train_sentencepiece
+from common.config import load_config
+from common.errors import UserError
+from data.corpus import build_corpus
+from data.manifest import read_manifest
+from tests.helpers import ROOT, assert_clean_error, run_module, sine
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mulan")
+    build_corpus(d / "corpus", clips=16, seed=7, workers=1, seconds=2.0)
+    manifest = d / "corpus" / "metadata.jsonl"
+    proc = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml",
+                      f"train_manifest={manifest}", f"valid_manifest={manifest}", f"out={d / 'run'}", "steps=40")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d, manifest
+
+
+def test_training_logs_retrieval_and_matched_pairs_beat_shuffled(trained):
+    d, manifest = trained
+    log = [json.loads(l) for l in (d / "run/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert any("valid" in r and "recall@10" in r["valid"] for r in log)
+    model = load_conditioner(d / "run/model")
+    rows = read_manifest(manifest)
+    with torch.no_grad():
+        res = retrieval(model, rows)
+        a = torch.cat([model.embed_audio(torch.from_numpy(
+            __import__("data.audio", fromlist=["load_audio"]).load_audio(r["audio"], 24000))[None, None]) for r in rows])
+        t = model.embed_text([r["caption"] for r in rows])
+    matched = (a * t).sum(1).mean()
+    shuffled = (a * t.roll(3, 0)).sum(1).mean()
+    assert matched > shuffled
+    assert res["recall@10"] > 10 / len(rows)  # above chance on its own training clips
+
+
+def test_embeddings_tokens_and_bad_input(trained, capfd):
+    d, _ = trained
+    model = load_conditioner(d / "run/model")
+    with torch.no_grad():
+        t = model.embed_text(["calm solo piano", "Ünïcödé — 音楽 ♪", "a " * 200])
+        assert "truncated" in capfd.readouterr().err
+        assert t.shape == (3, 16) and torch.allclose(t.norm(dim=1), torch.ones(3), atol=1e-5)
+        a = model.embed_audio(torch.zeros(2, 1, 24000 * 3))          # silence, longer than a crop
+        assert a.shape == (2, 16) and torch.isfinite(a).all()
+        short = model.embed_audio(torch.from_numpy(sine(440, 0.2, 16000))[None, None], sample_rate=16000)
+        assert short.shape == (1, 16)
+        tok = model.tokens(torch.cat([t, a]))
+        assert tok.shape == (5, 3) and int(tok.max()) < 8 and int(tok.min()) >= 0
+    for bad in ([""], ["   \n"], []):
+        with pytest.raises(UserError, match="empty|no text"):
+            model.embed_text(bad)
+
+
+def test_score_command(trained):
+    d, manifest = trained
+    wavs = [r["audio"] for r in read_manifest(manifest)[:2]]
+    proc = run_module("audio_tokenizers.mulan", "score", "--audio", *wavs, "--text", "drums", "piano", "organ",
+                      "--checkpoint", str(d / "run/model"))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["audio"] == wavs and out["text"] == ["drums", "piano", "organ"]
+    assert np.array(out["cosine"]).shape == (3, 2) and np.all(np.abs(out["cosine"]) <= 1.0001)
+    assert_clean_error(run_module("audio_tokenizers.mulan", "score", "--audio", *wavs, "--text", " ",
+                                  "--checkpoint", str(d / "run/model")), "empty")
+
+
+def test_pretrained_text_encoder_replaces_the_text_tower(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "calm", "piano", "fast", "drums"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    cfg = load_config(MuLanConfig, ROOT / "configs/debug/mulan.yaml", [f"text_pretrained_path={tmp_path / 'bert'}"])
+    model = MuLan(cfg)
+    assert model.embed_text(["calm piano", "fast drums"]).shape == (2, 16)
+
+
+def test_clap_loads_from_a_local_folder_as_a_conditioner(tmp_path):
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+    chars = [chr(c) for c in range(33, 127)] + ["Ġ"]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + chars)}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = RobertaTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ClapProcessor(feature_extractor=ClapFeatureExtractor(), tokenizer=tok).save_pretrained(tmp_path / "clap")
+    cfg = ClapConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 32},
+                     audio_config={"depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 1, 1],
+                                   "hidden_size": 128, "patch_embeds_hidden_size": 16, "window_size": 8},
+                     projection_dim=16)
+    torch.manual_seed(0)
+    ClapModel(cfg).save_pretrained(tmp_path / "clap")
+    cond = load_conditioner(tmp_path / "clap")
+    assert isinstance(cond, ClapConditioner)
+    t = cond.embed_text(["calm piano"])
+    a = cond.embed_audio(torch.from_numpy(sine(440, 1.0, 24000))[None, None], sample_rate=24000)
+    assert t.shape == (1, 16) and a.shape == (1, 16)
+    cond.rvq.fit(torch.randn(64, 16))
+    assert cond.tokens(torch.cat([t, a])).shape == (2, 12)
+
+
+def test_sentencepiece_keeps_unseen_characters():
+    import sentencepiece as spm
+    proto = train_sentencepiece(["a calm piano piece in C major", "fast drums and bass"] * 20, 400)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    assert sp.decode(sp.encode("calm 音楽")) == "calm 音楽"  # byte fallback, no <unk>
