@@ -140,7 +140,7 @@ def register_config(name: str):
 
 CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "semantic_tokenizer": "audio_tokenizers.semantic",
                   "mulan": "audio_tokenizers.mulan",
-                  "pipeline": "pipeline"}
+                  "semantic": "stages.base", "coarse": "stages.base", "fine": "stages.base", "pipeline": "pipeline"}
 
 
 def config_class(path: str | Path) -> type:

@@ -1,0 +1,1 @@
+"""The three MusicLM stages: one transformer, three sequence layouts, one training loop."""

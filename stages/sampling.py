@@ -1,0 +1,83 @@
+"""Sampling: small plain functions and one dataclass for all the knobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_k: int = 0          # 0: off
+    top_p: float = 1.0      # 1.0: off
+    guidance: float = 1.0   # classifier-free guidance scale; 1.0: off
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of ids whose probability mass reaches p (nucleus sampling)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    mass = sorted_logits.softmax(-1).cumsum(-1)
+    drop = mass - sorted_logits.softmax(-1) >= p          # mass before this id already reached p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> ids [B]; temperature 0 means greedy."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits / s.temperature, s.top_k), s.top_p)
+    return torch.multinomial(logits.float().softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: torch.Tensor,
+             s: Sampling = Sampling(), forced: torch.Tensor | None = None, null_prefix: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True, progress=None) -> torch.Tensor:
+    """Continue `prefix` [B, P] with len(levels) tokens of the given levels -> [B, len(levels)].
+
+    `forced` [B, N] gives tokens to copy instead of sampling where >= 0 (e.g. known coarse
+    codes). With `null_prefix` (the prefix with its condition replaced by null tokens) and
+    guidance != 1, conditional and unconditional rows run in one batch and their logits are
+    mixed. `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks).
+    """
+    B, P = prefix.shape
+    guided = null_prefix is not None and s.guidance != 1.0
+    seq = torch.cat([prefix, null_prefix]) if guided else prefix
+    all_levels = torch.cat([prefix_levels, levels])
+    cache = model.new_cache() if use_cache else None
+    h = model.hidden(seq, prefix_levels, 0, cache)[:, -1]
+    out = []
+    for i in range(len(levels)):
+        logits = model.logits(h, int(levels[i]))
+        if guided:
+            logits = cfg_mix(logits[:B], logits[B:], s.guidance)
+        tok = sample(logits, s, generator)
+        if forced is not None:
+            tok = torch.where(forced[:, i] >= 0, forced[:, i], tok)
+        out.append(tok)
+        step = torch.cat([tok, tok]) if guided else tok
+        if progress is not None:
+            progress.update(1)
+        if i == len(levels) - 1:
+            break
+        if use_cache:
+            h = model.hidden(step[:, None], levels[i:i + 1], P + i, cache)[:, -1]
+        else:
+            seq = torch.cat([seq, step[:, None]], 1)
+            h = model.hidden(seq, all_levels[: P + i + 1])[:, -1]
+    return torch.stack(out, 1)

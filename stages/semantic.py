@@ -1,0 +1,61 @@
+"""Semantic stage: p(S_t | S_<t, M). `python -m stages.semantic --config configs/semantic.yaml`.
+
+Sequence (Q_m = 3 MuLan tokens, T_s = 4 semantic tokens; loss on S only):
+
+    tokens  [ M1  M2  M3 | S1  S2  S3  S4 ]
+    level   [ 0   1   2  | 3   3   3   3  ]
+    predict [ .   .   .  | x   x   x   x  ]
+
+Each MuLan level has its codebook plus one null id (= codebook size), used when the condition
+is dropped in training and for the unconditional rows of classifier-free guidance.
+"""
+from __future__ import annotations
+
+import torch
+
+from stages.base import StageConfig
+from stages.sampling import Sampling, generate
+from stages.transformer import ModelShape, Transformer
+
+
+class SemanticStage:
+    kind = "semantic"
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        sizes = [cfg.mulan_codebook + 1] * cfg.mulan_levels + [cfg.semantic_codebook]
+        self.model = Transformer(ModelShape(sizes, cfg.dim, cfg.depth, cfg.heads, cfg.dropout))
+        self.semantic_level = cfg.mulan_levels
+
+    def level_names(self) -> list[str]:
+        return [f"mulan{q}" for q in range(self.cfg.mulan_levels)] + ["semantic"]
+
+    def cond(self, mulan: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """MuLan tokens [B, Q_m], with rows where `drop` is set replaced by null ids."""
+        return mulan if drop is None else torch.where(drop[:, None], torch.full_like(mulan, self.cfg.mulan_codebook), mulan)
+
+    def cond_levels(self) -> torch.Tensor:
+        return torch.arange(self.cfg.mulan_levels)
+
+    def training_sequence(self, batch, drop_cond):
+        m, s = self.cond(batch["mulan"], drop_cond), batch["semantic"]
+        tokens = torch.cat([m, s], 1)
+        levels = torch.cat([self.cond_levels(), torch.full((s.shape[1],), self.semantic_level)])
+        predict = levels == self.semantic_level
+        return tokens, levels, predict
+
+    def generate(self, mulan: torch.Tensor, n: int, s: Sampling = Sampling(), prompt: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True, progress=None) -> torch.Tensor:
+        """MuLan tokens [B, Q_m] (+ semantic prompt [B, P]) -> n new semantic ids [B, n]."""
+        prompt = prompt if prompt is not None else mulan.new_zeros(mulan.shape[0], 0)
+        prefix = torch.cat([mulan, prompt], 1)
+        null = torch.cat([self.cond(mulan, torch.ones(len(mulan), dtype=torch.bool)), prompt], 1)
+        prefix_levels = torch.cat([self.cond_levels(), torch.full((prompt.shape[1],), self.semantic_level)])
+        levels = torch.full((n,), self.semantic_level)
+        return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
+                        use_cache=use_cache, progress=progress)
+
+
+if __name__ == "__main__":
+    from stages.train import main
+    main("semantic")

@@ -1,0 +1,179 @@
+"""The one training loop of the three stages (`python -m stages.semantic|coarse|fine`).
+
+Each step's batch (rows, window starts, condition-dropout mask) comes from a generator seeded
+by (seed, step), so `--resume` continues exactly and every DDP rank agrees on the global
+batch; rank r trains on rows r, r + world, ... of it. Under `torchrun --nproc_per_node=N`
+it runs DistributedDataParallel (gloo on CPU, NCCL on GPU) with bf16 autocast on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common.config import config_to_dict, format_config, load_config
+from common.errors import UserError, run_cli
+from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from data.tokenize import TokenCache
+from stages.base import StageConfig, build_stage, save_stage
+
+
+def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
+    """Refuse a cache whose vocabularies, levels or frame rates differ from the stage's."""
+    ix, wrong = cache.index, []
+    expect = [("mulan levels", cfg.mulan_levels, ix["mulan"]["levels"]),
+              ("mulan codebook", cfg.mulan_codebook, ix["mulan"]["codebook"]),
+              ("semantic codebook", cfg.semantic_codebook, ix["semantic"]["codebook"]),
+              ("semantic frame rate", cfg.semantic_rate, ix["semantic"]["frame_rate"]),
+              ("acoustic codebook", cfg.acoustic_codebook, ix["acoustic"]["codebook"]),
+              ("acoustic frame rate", cfg.acoustic_rate, ix["acoustic"]["frame_rate"])]
+    wrong = [f"{name} {a} (config) vs {b} (cache)" for name, a, b in expect if abs(float(a) - float(b)) > 1e-6]
+    if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
+        wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
+                     f"{ix['acoustic']['levels']} levels")
+    if wrong:
+        raise UserError(f"the cache {cache.root} does not fit this {cfg.kind} config: {'; '.join(wrong)}")
+
+
+def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, batch: int, rank: int = 0,
+             world: int = 1, seed_offset: int = 0) -> tuple[dict, torch.Tensor]:
+    """The global batch of `step` (a function of seed and step only), this rank's share of it."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + seed_offset)
+    pick = rows[torch.randint(len(rows), (batch,), generator=g).numpy()]
+    total = cache.arrays["semantic"].shape[1]
+    frames = min(total, int(round(cfg.window_seconds * cfg.semantic_rate)))
+    starts = torch.randint(0, total - frames + 1, (batch,), generator=g).numpy()
+    drop = torch.rand(batch, generator=g) < cfg.cond_dropout
+    ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
+    mine = slice(rank, None, world)
+    return cache.window(pick[mine], starts[mine], frames, ratio), drop[mine]
+
+
+@torch.no_grad()
+def evaluate(stage, cache: TokenCache, cfg: StageConfig, device: torch.device) -> dict:
+    """Held-out loss and next-token accuracy per level on fixed valid windows (condition kept)."""
+    rows = cache.rows("valid") if len(cache.rows("valid")) else cache.rows("train")
+    model, totals = stage.model, {}
+    model.eval()
+    for i in range(cfg.eval_batches):
+        b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991)
+        tokens, levels, predict = stage.training_sequence(b, torch.zeros(len(b["mulan"]), dtype=torch.bool))
+        out = model.loss(tokens.to(device), levels.to(device), predict.to(device))
+        for level, (ce, correct, n) in out["per_level"].items():
+            t = totals.setdefault(level, [0.0, 0, 0])
+            t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
+    model.train()
+    names = stage.level_names()
+    res = {f"loss/{names[l]}": round(v[0] / v[2], 4) for l, v in sorted(totals.items())}
+    res.update({f"acc/{names[l]}": round(v[1] / v[2], 4) for l, v in sorted(totals.items())})
+    n = sum(v[2] for v in totals.values())
+    res["loss"] = round(sum(v[0] for v in totals.values()) / n, 4)
+    res["acc"] = round(sum(v[1] for v in totals.values()) / n, 4)
+    return res
+
+
+def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a
+    later --resume continues the same schedule (useful for time-boxed sessions)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.set_num_threads(max(1, cfg.threads // world))
+    if rank == 0:
+        print(format_config(cfg), flush=True)
+    cache = TokenCache(cfg.cache)
+    check_cache(cfg, cache)
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(cfg.seed)
+    stage = build_stage(cfg)
+    model = stage.model.to(device)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    ema = copy.deepcopy(model).eval() if cfg.ema > 0 else None
+    out, step = Path(cfg.out), 0
+    if resume:
+        state = resume_run(out, cfg.kind, model, opt)
+        step = state["step"]
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+    rows = cache.rows("train")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stop, t0, seen = StopFlag(), time.time(), 0
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.kind, mininterval=2.0, disable=rank != 0)
+
+    def save() -> None:
+        if rank == 0:
+            save_run(out, cfg.kind, config_to_dict(cfg), model, opt, step,
+                     {"ema": ema.state_dict()} if ema is not None else None)
+
+    while step < cfg.steps and not stop.now and (stop_after is None or step < stop_after):
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            b, drop = batch_at(cache, rows, cfg, step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
+            tokens, levels, predict = (t.to(device) for t in stage.training_sequence(b, drop))
+            with autocast:
+                loss = wrapped(tokens, levels, predict)["loss"] / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+            seen += tokens.numel() * world
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema)
+        step += 1
+        if world > 1:
+            t = torch.tensor([total], device=device)
+            dist.all_reduce(t)
+            total = float(t) / world
+        bar.update(1)
+        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+            rate = seen / (time.time() - t0)
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:.0f}")
+            log_jsonl(out, {"step": step, "loss": total, "lr": warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps),
+                            "tokens_per_s": round(rate, 1)})
+        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            log_jsonl(out, {"step": step, "valid": evaluate(stage, cache, cfg, device)}, echo=True)
+        if step % cfg.ckpt_every == 0:
+            save()
+    save()
+    bar.close()
+    if rank == 0 and step == cfg.steps:
+        save_stage(stage, out / "model", meta={"steps": step, "tokenizer_hashes": cache.index["tokenizer_hashes"]},
+                   state_dict=(ema or model).state_dict())
+        print(f"saved {out / 'model'}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return out / "model"
+
+
+def main(kind: str) -> None:
+    def run() -> None:
+        ap = argparse.ArgumentParser(prog=f"python -m stages.{kind}", description=f"Train the {kind} stage.")
+        ap.add_argument("--config", default=f"configs/{kind}.yaml")
+        ap.add_argument("--resume", action="store_true")
+        ap.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="save and stop at this step (continue later with --resume)")
+        ap.add_argument("overrides", nargs="*", help="key=value")
+        args = ap.parse_args()
+        cfg = load_config(StageConfig, args.config, args.overrides)
+        if cfg.kind != kind:
+            raise UserError(f"{args.config} is a '{cfg.kind}' config; use python -m stages.{cfg.kind}")
+        train(cfg, resume=args.resume, stop_after=args.stop_after)
+    run_cli(run)

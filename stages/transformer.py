@@ -1,0 +1,115 @@
+"""The one decoder-only transformer every stage uses.
+
+Tokens of different kinds share one sequence: conditioning tokens, semantic ids, acoustic
+codes of each RVQ level. Each kind is a "level" with its own id range in one embedding table
+(offsets), so the same id means different things on different levels. Predictions are made
+per level with that level's slice of the output matrix: a position predicting level l can
+only produce ids of level l.
+
+Pre-norm blocks, rotary position embeddings, `scaled_dot_product_attention`, and a KV cache
+so that generation costs one token's work per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelShape:
+    level_sizes: list[int]   # vocabulary of each level (e.g. [1025]*12 MuLan + [1024] semantic)
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    dropout: float = 0.0
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of x [B, H, L, Dh] by angles pos * theta_i (RoPE)."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = pos.float()[:, None] * freqs[None]                 # [L, half]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, pos), rotary(k, pos)
+        if cache is not None:  # append this call's keys/values to the ones already seen
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        causal = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.out(h.transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.shape = shape
+        sizes = torch.tensor(shape.level_sizes)
+        self.register_buffer("offsets", torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]]))
+        self.embed = nn.Embedding(int(sizes.sum()), shape.dim)
+        self.blocks = nn.ModuleList(Block(shape.dim, shape.heads, shape.dropout) for _ in range(shape.depth))
+        self.norm = nn.LayerNorm(shape.dim)
+        self.head = nn.Linear(shape.dim, int(sizes.sum()), bias=False)  # sliced per level
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def hidden(self, tokens: torch.Tensor, levels: torch.Tensor, start: int = 0,
+               cache: list[dict] | None = None) -> torch.Tensor:
+        """tokens [B, L] (ids within their level), levels [L] -> hidden states [B, L, D].
+        `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental."""
+        x = self.embed(tokens + self.offsets[levels])
+        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, cache[i] if cache is not None else None)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """Hidden states [..., D] -> logits [..., V_level] over the ids of one level."""
+        lo = int(self.offsets[level])
+        return h @ self.head.weight[lo: lo + self.shape.level_sizes[level]].t()
+
+    def loss(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy where `predict` [L] marks the positions that are targets.
+        Returns the mean loss and, per level, (summed loss, correct, count) for logging."""
+        h = self.hidden(tokens[:, :-1], levels[:-1])
+        total, count, stats = h.new_zeros(()), 0, {}
+        for level in torch.unique(levels[1:][predict[1:]]).tolist():
+            where = predict[1:] & (levels[1:] == level)
+            logits = self.logits(h[:, where], level)
+            target = tokens[:, 1:][:, where]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="sum")
+            total, count = total + ce, count + target.numel()
+            stats[level] = (ce.detach(), (logits.argmax(-1) == target).sum().detach(), target.numel())
+        return {"loss": total / max(count, 1), "per_level": stats}
+
+    def forward(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor) -> dict:
+        return self.loss(tokens, levels, predict)  # what DDP wraps
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.blocks]

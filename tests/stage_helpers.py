@@ -1,0 +1,26 @@
+"""A small synthetic token cache with learnable structure, for stage tests."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), semantic_k=16, acoustic=(4, 32)):
+    rng = np.random.default_rng(0)
+    ts, ta = int(seconds * 25), int(seconds * 50)
+    m = rng.integers(0, mulan[1], (clips, mulan[0]))
+    # semantic: a cycle whose step is set by the first MuLan token; acoustic: a function of semantic
+    start = rng.integers(0, semantic_k, clips)
+    sem = (start[:, None] + np.arange(ts)[None] * (1 + m[:, :1] % 3)) % semantic_k
+    ac = np.stack([(np.repeat(sem, 2, axis=1) * (q + 1) + q) % acoustic[1] for q in range(acoustic[0])], 1)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "mulan.npy", m.astype(np.int16))
+    np.save(root / "semantic.npy", sem.astype(np.int16))
+    np.save(root / "acoustic.npy", ac.astype(np.int16))
+    splits = ["valid" if i % 6 == 0 else "train" for i in range(clips)]
+    index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": {"acoustic": "a", "semantic": "s", "mulan": "m"},
+             "acoustic": {"levels": acoustic[0], "codebook": acoustic[1], "frame_rate": 50.0, "sample_rate": 24000},
+             "semantic": {"codebook": semantic_k, "frame_rate": 25.0}, "mulan": {"levels": mulan[0], "codebook": mulan[1]},
+             "clips": [{"audio": f"{i}.wav", "caption": "", "split": s} for i, s in enumerate(splits)]}
+    (root / "index.json").write_text(json.dumps(index))
+    return root

@@ -1,0 +1,170 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.config import load_config
+from common.errors import UserError
+from data.tokenize import TokenCache
+from stages.base import StageConfig, build_stage, load_stage
+from stages.coarse import flatten, unflatten
+from stages.sampling import Sampling, generate, top_k_filter, top_p_filter
+from stages.train import batch_at, check_cache, train
+from tests.helpers import ROOT
+from tests.stage_helpers import make_cache
+
+KINDS = ["semantic", "coarse", "fine"]
+
+
+def cfg_for(kind, tmp_path, **kw) -> StageConfig:
+    over = [f"cache={tmp_path / 'cache'}", f"out={tmp_path / kind}"] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", over)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return TokenCache(make_cache(tmp_path / "cache"))
+
+
+def test_flatten_round_trip_and_order():
+    codes = torch.arange(24).reshape(2, 3, 4)
+    flat = flatten(codes)
+    assert flat[0, :6].tolist() == [0, 4, 8, 1, 5, 9]  # frame by frame
+    assert torch.equal(unflatten(flat, 3), codes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layouts_mark_only_the_predicted_part(kind, tmp_path, cache):
+    cfg = cfg_for(kind, tmp_path)
+    stage = build_stage(cfg)
+    b, drop = batch_at(cache, cache.rows("train"), cfg, 0, 4)
+    drop = torch.tensor([True, False, False, False])
+    tokens, levels, predict = stage.training_sequence(b, drop)
+    sizes = stage.model.shape.level_sizes
+    assert tokens.shape[1] == len(levels) == len(predict)
+    assert all(int(t) < sizes[int(l)] for t, l in zip(tokens[1], levels))
+    if kind == "semantic":
+        assert predict.tolist() == [False] * 3 + [True] * 25
+        assert tokens[0, :3].tolist() == [8, 8, 8] and tokens[1, :3].tolist() == b["mulan"][1].tolist()
+    elif kind == "coarse":
+        assert predict.sum() == 50 * 2 and not predict[: 3 + 25].any()
+        assert torch.equal(unflatten(tokens[:, 28:], 2), b["acoustic"][:, :2])
+    else:
+        assert levels[:8].tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and predict[:4].tolist() == [False, False, True, True]
+        assert torch.equal(unflatten(tokens, 4), b["acoustic"])
+
+
+def test_fine_stage_never_sees_later_coarse_frames(tmp_path, cache):
+    stage = build_stage(cfg_for("fine", tmp_path))
+    b, _ = batch_at(cache, cache.rows("train"), stage.cfg, 0, 2)
+    tokens, levels, _ = stage.training_sequence(b, None)
+    h = stage.model.hidden(tokens, levels)
+    t = 10  # change every coarse code after frame t
+    changed = tokens.clone()
+    later = (torch.arange(len(levels)) >= 4 * (t + 1)) & (levels < 2)
+    changed[:, later] = (changed[:, later] + 1) % 32
+    h2 = stage.model.hidden(changed, levels)
+    upto = 4 * (t + 1)
+    assert torch.allclose(h[:, :upto], h2[:, :upto], atol=1e-6)
+    assert not torch.allclose(h[:, upto:], h2[:, upto:])
+
+
+@pytest.mark.parametrize("kind,threshold", [("semantic", 0.3), ("coarse", 0.5), ("fine", 0.5)])
+def test_debug_stage_overfits_one_batch(kind, threshold, tmp_path, cache):
+    torch.manual_seed(0)
+    stage = build_stage(cfg_for(kind, tmp_path))
+    b, drop = batch_at(cache, cache.rows("train"), stage.cfg, 0, 4)
+    tokens, levels, predict = stage.training_sequence(b, torch.zeros(4, dtype=torch.bool))
+    opt = torch.optim.AdamW(stage.model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(120):
+        loss = stage.model(tokens, levels, predict)["loss"]
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < threshold < first
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kv_cache_generation_equals_full_recompute(kind, tmp_path, cache):
+    torch.manual_seed(0)
+    stage = build_stage(cfg_for(kind, tmp_path))
+    stage.model.eval()
+    b, _ = batch_at(cache, cache.rows("train"), stage.cfg, 0, 2)
+    s = Sampling(temperature=1.0, top_k=10, guidance=1.0 if kind == "fine" else 2.0)
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(3)
+        if kind == "semantic":
+            outs.append(stage.generate(b["mulan"], 12, s, generator=g, use_cache=use_cache))
+        elif kind == "coarse":
+            outs.append(stage.generate(b["mulan"], b["semantic"][:, :4], 8, s, generator=g, use_cache=use_cache))
+        else:
+            outs.append(stage.generate(b["acoustic"][:, :2, :6], s, generator=g, use_cache=use_cache))
+    assert torch.equal(outs[0], outs[1])
+    expected = {"semantic": (2, 12), "coarse": (2, 2, 8), "fine": (2, 2, 6)}[kind]
+    assert tuple(outs[0].shape) == expected
+
+
+def test_guidance_changes_the_distribution(tmp_path, cache):
+    torch.manual_seed(0)
+    stage = build_stage(cfg_for("semantic", tmp_path))
+    m = cache.window(cache.rows("train")[:1], np.array([0]), 4, 2)["mulan"]
+    a = stage.generate(m, 20, Sampling(temperature=0), generator=torch.Generator().manual_seed(0))
+    c = stage.generate(m, 20, Sampling(temperature=0, guidance=5.0), generator=torch.Generator().manual_seed(0))
+    assert a.shape == c.shape and not torch.equal(a, c)
+
+
+def test_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_p_filter(logits, 0.75)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_p_filter(logits, 0.5)).tolist() == [[False, True, True, True]]
+    assert not torch.isinf(top_p_filter(logits, 1.0)).any()
+
+
+def test_resume_continues_exactly(tmp_path, cache):
+    cfg = cfg_for("coarse", tmp_path, steps=12, ckpt_every=6, eval_every=100, dropout=0.1)
+    train(cfg)
+    straight = load_checkpoint(tmp_path / "coarse" / "last").state_dict
+    cfg2 = cfg_for("coarse", tmp_path, steps=12, ckpt_every=6, eval_every=100, dropout=0.1, out=tmp_path / "b")
+    train(cfg2, stop_after=5)  # "killed" after step 5, between checkpoints
+    assert not (tmp_path / "b" / "model").exists()
+    train(cfg2, resume=True)
+    resumed = load_checkpoint(tmp_path / "b" / "last").state_dict
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    stage = load_stage(tmp_path / "b" / "model")
+    assert stage.kind == "coarse" and stage.meta["steps"] == 12
+    log = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid" in r and "acc/coarse0" in r["valid"] for r in log)
+
+
+def test_ddp_two_processes_match_one(tmp_path, cache):
+    common = ["--config", "configs/debug/coarse.yaml", f"cache={tmp_path / 'cache'}", "steps=6", "eval_every=100",
+              "log_every=1", "ckpt_every=100"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "stages.coarse", *common, f"out={tmp_path / 'one'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "stages.coarse", *common, f"out={tmp_path / 'two'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    curve = lambda d: [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r]  # noqa: E731
+    a, b = curve("one"), curve("two")
+    assert len(a) == len(b) == 6 and np.allclose(a, b, atol=1e-4), (a, b)
+
+
+def test_cache_that_does_not_fit_is_refused(tmp_path, cache):
+    with pytest.raises(UserError, match="semantic codebook 1024 \\(config\\) vs 16 \\(cache\\)"):
+        check_cache(cfg_for("semantic", tmp_path, semantic_codebook=1024), cache)
+    with pytest.raises(UserError, match="coarse_levels \\+ fine_levels = 6"):
+        check_cache(cfg_for("fine", tmp_path, fine_levels=4), cache)
