@@ -1,0 +1,88 @@
+"""Benchmarks. Run on an otherwise idle machine; quote medians.
+
+    python -m evaluation.bench stages [--repeats 5]
+
+`stages` uses config B1: dim 256, depth 6, 4 heads, semantic vocabulary 512, codebook 1024,
+3 coarse levels, 12 MuLan tokens, a 5 s clip (125 semantic + 250 x 3 coarse tokens). It prints
+training tokens/s (forward + backward + AdamW, batch 4, coarse layout), and coarse generation
+tokens/s at batch 1 without guidance, with the KV cache and without it (recomputing the whole
+sequence each step), plus whether both produce the same tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from stages.base import StageConfig, build_stage
+from stages.sampling import Sampling
+
+B1 = dict(kind="coarse", dim=256, depth=6, heads=4, semantic_codebook=512, acoustic_codebook=1024,
+          mulan_levels=12, mulan_codebook=1024, coarse_levels=3, fine_levels=5, window_seconds=5.0)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_stages(repeats: int, gen_tokens: int) -> dict:
+    torch.manual_seed(0)
+    cfg = StageConfig(**B1)
+    stage = build_stage(cfg)
+    model = stage.model
+    g = torch.Generator().manual_seed(0)
+    batch = {"mulan": torch.randint(0, 1024, (4, 12), generator=g),
+             "semantic": torch.randint(0, 512, (4, 125), generator=g),
+             "acoustic": torch.randint(0, 1024, (4, 3, 250), generator=g)}
+    tokens, levels, predict = stage.training_sequence(batch, torch.zeros(4, dtype=torch.bool))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        loss = model(tokens, levels, predict)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    train_times = timed(train_step, repeats)
+    model.eval()
+    frames = gen_tokens // 3
+    runs = {}
+    for use_cache in (True, False):
+        results = []
+
+        def gen():
+            results.append(stage.generate(batch["mulan"][:1], batch["semantic"][:1], frames, Sampling(top_k=50),
+                                          generator=torch.Generator().manual_seed(1), use_cache=use_cache))
+        runs[use_cache] = (timed(gen, max(1, repeats // 2 if not use_cache else repeats)), results[-1])
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    return {"config": "B1", "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "sequence_tokens": tokens.shape[1], "threads": torch.get_num_threads(),
+            "train_tokens_per_s": round(4 * tokens.shape[1] / med(train_times), 1),
+            "generated_tokens": frames * 3,
+            "gen_kv_tokens_per_s": round(frames * 3 / med(runs[True][0]), 1),
+            "gen_no_cache_tokens_per_s": round(frames * 3 / med(runs[False][0]), 1),
+            "kv_speedup": round(med(runs[False][0]) / med(runs[True][0]), 2),
+            "kv_equals_no_cache": bool(torch.equal(runs[True][1], runs[False][1]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Benchmarks (run on an idle machine).")
+    ap.add_argument("what", choices=["stages"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--gen-tokens", type=int, default=750, help="coarse tokens to generate (750 = 5 s)")
+    args = ap.parse_args()
+    print(json.dumps(bench_stages(args.repeats, args.gen_tokens), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audio_tokenizers.acoustic import AcousticConfig, build_codec
+from audio_tokenizers.mulan import MuLan, MuLanConfig
+from audio_tokenizers.mulan_train import train_sentencepiece
+from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig
+from common.checkpoint import save_checkpoint
+from common.config import config_to_dict, load_config
+from common.errors import UserError
+from data.tokenize import TokenCache, tokenize
+from tests.helpers import ROOT, assert_clean_error, run_module, sine
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Debug tokenizers saved as checkpoints, and a manifest of four tones."""
+    d = tmp_path_factory.mktemp("tok")
+    torch.manual_seed(0)
+    acfg = load_config(AcousticConfig, ROOT / "configs/debug/acoustic.yaml")
+    save_checkpoint(d / "acoustic", "acoustic_spectral", config_to_dict(acfg), build_codec(acfg).state_dict())
+    scfg = load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml", ["backend=logmel"])
+    SemanticTokenizer(scfg, torch.randn(16, 64)).save(d / "semantic")
+    mcfg = load_config(MuLanConfig, ROOT / "configs/debug/mulan.yaml")
+    mulan = MuLan(mcfg, train_sentencepiece(["a calm piano piece", "fast drums"] * 10, 400))
+    mulan.rvq.fit(torch.randn(64, mcfg.embed_dim))
+    save_checkpoint(d / "mulan", "mulan", config_to_dict(mcfg), mulan.state_dict())
+    rows = []
+    for i, f in enumerate([220, 330, 440, 550]):
+        sf.write(d / f"{i}.wav", sine(f, 1.5 if i else 0.7, 24000), 24000)
+        rows.append(json.dumps({"audio": f"{i}.wav", "caption": f"tone {f}", "split": "valid" if i == 3 else "train"}))
+    (d / "m.jsonl").write_text("\n".join(rows) + "\n")
+    (d / "bad.wav").write_bytes(b"junk")
+    (d / "with_bad.jsonl").write_text(json.dumps({"audio": "bad.wav"}) + "\n" + rows[0] + "\n")
+    return d
+
+
+def paths(d):
+    return {"acoustic": str(d / "acoustic"), "semantic": str(d / "semantic"), "mulan": str(d / "mulan")}
+
+
+def test_cache_arrays_index_and_append(parts, tmp_path):
+    n = tokenize([parts / "m.jsonl"], tmp_path / "cache", paths(parts), seconds=1.0)
+    cache = TokenCache(tmp_path / "cache")
+    assert n == 4 and cache.arrays["acoustic"].shape == (4, 4, 100)  # debug codec: 100 Hz, 4 levels
+    assert cache.arrays["semantic"].shape == (4, 25) and cache.arrays["mulan"].shape == (4, 3)
+    assert cache.index["acoustic"]["codebook"] == 32 and cache.index["mulan"]["levels"] == 3
+    assert list(cache.rows("valid")) == [3] and len(cache.rows("train")) == 3
+    assert int(cache.arrays["acoustic"].max()) < 32 and int(cache.arrays["mulan"].max()) < 8
+    tokenize([parts / "with_bad.jsonl"], tmp_path / "cache", paths(parts), seconds=1.0)  # same tokenizers: appends
+    assert TokenCache(tmp_path / "cache").arrays["semantic"].shape == (5, 25)
+
+
+def test_cache_refuses_other_tokenizers(parts, tmp_path):
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", paths(parts), seconds=1.0)
+    other = dict(paths(parts), acoustic=str(tmp_path / "acoustic2"))
+    acfg = load_config(AcousticConfig, ROOT / "configs/debug/acoustic.yaml")
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "acoustic2", "acoustic_spectral", config_to_dict(acfg), build_codec(acfg).state_dict())
+    with pytest.raises(UserError, match="made by other tokenizers"):
+        tokenize([parts / "m.jsonl"], tmp_path / "cache", other, seconds=1.0)
+    assert TokenCache(tmp_path / "cache").arrays["semantic"].shape[0] == 4  # untouched
+
+
+def test_command_line(parts, tmp_path):
+    p = paths(parts)
+    proc = run_module("data.tokenize", "--manifest", str(parts / "m.jsonl"), "--out", str(tmp_path / "c"),
+                      "--acoustic", p["acoustic"], "--semantic", p["semantic"], "--mulan", p["mulan"], "--seconds", "1")
+    assert proc.returncode == 0 and "cached 4 clips" in proc.stdout, proc.stderr[-2000:]
+    assert_clean_error(run_module("data.tokenize", "--manifest", str(parts / "none.jsonl"), "--out",
+                                  str(tmp_path / "d"), "--acoustic", p["acoustic"], "--semantic", p["semantic"],
+                                  "--mulan", p["mulan"]), "not found")
