@@ -1,21 +1,33 @@
 """Text to music: MuLan text tokens -> semantic stage -> coarse stage -> fine stage -> codec.
 
-    python pipeline.py --text "a calm solo piano piece in C major" --out song.wav
+    python pipeline.py --text "a calm solo piano piece in C major" --out song.wav [--duration 10]
+    python pipeline.py --story "calm piano:0" "energetic drums:10" --duration 20 --out story.wav
+    python pipeline.py --text "..." --prompt-audio intro.wav --out continued.wav
 
-The generation chain is not built yet (see the open issue on pipeline.py); for now this
-checks which of the parts named in configs/pipeline.yaml exist and says what is missing.
+    from pipeline import Pipeline
+    wav = Pipeline.from_pretrained("pretrained").generate(["calm piano"], duration=10)   # [B, 1, N]
+
+Any part can be swapped with `--stage NAME=PATH` (NAME in mulan, semantic_tokenizer, acoustic,
+semantic, coarse, fine); a checkpoint's recorded kind picks its class. Before generating, the
+parts are checked to fit together (vocabularies, levels, frame rates, conditioning tokens).
+Durations beyond the training windows are made by sliding windows that keep the second half
+of the previous window as context, so cost grows linearly with duration.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass
+import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import load_config, register_config
+import torch
+
+from common.config import register_config
 from common.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
+MAX_SECONDS = 300.0
 
 
 @register_config("pipeline")
@@ -30,26 +42,182 @@ class PipelineParts:
     fine: str = "pretrained/fine"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--text", action="append", required=True, help="a prompt (repeatable)")
-    ap.add_argument("--out", default="song.wav")
-    ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
-    args = ap.parse_args()
-    if any(not t.strip() for t in args.text):
-        raise UserError("--text is empty; describe the music, e.g. --text \"calm solo piano\"")
-    parts = asdict(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml"))
-    for item in args.stage:
-        name, _, path = item.partition("=")
-        if name not in PARTS or not path:
-            raise UserError(f"--stage {item!r}: use NAME=PATH with NAME one of {', '.join(PARTS)}")
-        parts[name] = path
-    missing = [f"{name} ({parts[name]})" for name in PARTS if not (ROOT / parts[name]).exists()]
+@dataclass
+class GenerationOptions:
+    duration: float = 10.0
+    seed: int = 0
+    guidance: float = 3.0
+    semantic: dict = field(default_factory=lambda: {"temperature": 1.0, "top_k": 0, "top_p": 1.0})
+    coarse: dict = field(default_factory=lambda: {"temperature": 0.95, "top_k": 0, "top_p": 1.0})
+    fine: dict = field(default_factory=lambda: {"temperature": 0.8, "top_k": 0, "top_p": 1.0})
+    rerank: int = 1
+
+
+def check_fit(parts: dict) -> None:
+    """Refuse parts that do not fit together, naming the two that disagree and on what."""
+    mulan, sem_tok, codec = parts["mulan"], parts["semantic_tokenizer"], parts["acoustic"]
+    sem, coarse, fine = parts["semantic"].cfg, parts["coarse"].cfg, parts["fine"].cfg
+    checks = []
+    for name, st in (("semantic", sem), ("coarse", coarse)):
+        checks += [(name, "mulan", "conditioning tokens", st.mulan_levels, mulan.num_tokens),
+                   (name, "mulan", "conditioning codebook size", st.mulan_codebook, mulan.codebook_size),
+                   (name, "semantic_tokenizer", "semantic vocabulary", st.semantic_codebook, sem_tok.codebook_size),
+                   (name, "semantic_tokenizer", "semantic frame rate", st.semantic_rate, sem_tok.frame_rate)]
+    for name, st in (("coarse", coarse), ("fine", fine)):
+        checks += [(name, "acoustic", "acoustic codebook size", st.acoustic_codebook, codec.codebook_size),
+                   (name, "acoustic", "acoustic frame rate", st.acoustic_rate, codec.frame_rate)]
+    checks += [("coarse", "fine", "number of coarse levels", coarse.coarse_levels, fine.coarse_levels),
+               ("fine", "acoustic", "number of levels (coarse + fine)", fine.coarse_levels + fine.fine_levels,
+                codec.num_quantizers)]
+    for a, b, what, x, y in checks:
+        if abs(float(x) - float(y)) > 1e-6:
+            raise UserError(f"the {a} stage and the {b} part disagree on {what}: {x} vs {y}; "
+                            f"use a {a} checkpoint trained on this {b}'s tokens")
+    ratio = codec.frame_rate / sem_tok.frame_rate
+    if abs(ratio - round(ratio)) > 1e-6:
+        raise UserError(f"the acoustic frame rate {codec.frame_rate} is not a multiple of the semantic "
+                        f"frame rate {sem_tok.frame_rate}")
+
+
+def load_parts(paths: dict[str, str]) -> dict:
+    from audio_tokenizers.acoustic import load_acoustic
+    from audio_tokenizers.mulan import load_conditioner
+    from audio_tokenizers.semantic import load_semantic
+    from stages.base import load_stage
+    resolved = {k: (ROOT / v if not Path(v).is_absolute() else Path(v)) for k, v in paths.items()}
+    missing = [f"{k} ({resolved[k]})" for k in PARTS if not resolved[k].exists()]
     if missing:
-        raise UserError(f"models not available yet: {', '.join(missing)}; the pipeline needs all six "
-                        "(see README: Status)")
-    raise UserError("the generation chain is not implemented yet (see README: Status)")
+        raise UserError(f"models not found: {', '.join(missing)}; train them (README) or pass --stage NAME=PATH")
+    loaders = {"mulan": load_conditioner, "semantic_tokenizer": load_semantic, "acoustic": load_acoustic,
+               "semantic": lambda p: load_stage(p, "semantic"), "coarse": lambda p: load_stage(p, "coarse"),
+               "fine": lambda p: load_stage(p, "fine")}
+    parts = {}
+    for name in PARTS:
+        try:
+            parts[name] = loaders[name](resolved[name])
+        except UserError as e:
+            raise UserError(f"--stage {name}: {e}") from None
+    check_fit(parts)
+    return parts
+
+
+class Pipeline:
+    def __init__(self, parts: dict):
+        self.parts = parts
+        self.mulan, self.codec = parts["mulan"], parts["acoustic"]
+        self.sample_rate = self.codec.sample_rate
+        self.ratio = int(round(self.codec.frame_rate / parts["semantic_tokenizer"].frame_rate))
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path = "pretrained", **overrides: str) -> "Pipeline":
+        paths = {name: str(Path(folder) / name) for name in PARTS}
+        return cls(load_parts({**paths, **overrides}))
+
+    # -------------------------------------------------------------- the chain
+    @torch.no_grad()
+    def generate(self, texts: list[str] | None = None, duration: float = 10.0, story: list[tuple[str, float]] | None = None,
+                 prompt_audio: torch.Tensor | None = None, options: GenerationOptions | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Prompts (or a story: [(text, start seconds)]) -> audio [B, 1, N] at the codec's rate; with
+        `prompt_audio` [B, 1, P] the output is the prompt (cut to whole token frames) plus `duration`."""
+        from stages.sampling import Sampling
+        o = options or GenerationOptions(duration=duration)
+        o.duration = duration
+        if not 0 < duration <= MAX_SECONDS:
+            raise UserError(f"duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {duration}")
+        segments = story or [(t, 0.0) for t in (texts or [])]
+        if not segments:
+            raise UserError("no prompt given; pass --text or --story")
+        torch.manual_seed(o.seed)
+        g = torch.Generator().manual_seed(o.seed)
+        t0 = time.perf_counter()
+        if story:   # one song whose condition changes over time
+            conds = [(start, self.mulan.tokens(self.mulan.embed_text([text]))) for text, start in story]
+        else:
+            conds = [(0.0, self.mulan.tokens(self.mulan.embed_text(list(texts))))]
+        cond_at = lambda sec: [c for start, c in conds if start <= sec + 1e-9][-1]  # noqa: E731
+        sem_rate = self.parts["semantic_tokenizer"].frame_rate
+        n_sem = max(1, math.ceil(duration * sem_rate - 1e-9))
+        sem_prompt = ac_prompt = None
+        prompt_len = 0
+        if prompt_audio is not None:  # cut to whole semantic frames so both token streams align
+            hop = int(round(self.sample_rate / sem_rate))
+            prompt_len = prompt_audio.shape[-1] // hop * hop
+            if prompt_len == 0:
+                raise UserError(f"the prompt audio is shorter than one token frame ({hop} samples)")
+            prompt_audio = prompt_audio[..., :prompt_len]
+            sem_prompt = self.parts["semantic_tokenizer"].encode(prompt_audio)
+            ac_prompt = self.codec.encode(prompt_audio)
+        self.timings["mulan"] = time.perf_counter() - t0
+        s = {k: Sampling(guidance=o.guidance if k != "fine" else 1.0, **getattr(o, k)) for k in ("semantic", "coarse", "fine")}
+        t = time.perf_counter()
+        sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate)
+        self.timings["semantic"], t = time.perf_counter() - t, time.perf_counter()
+        coarse = self._coarse(cond_at, sem, s["coarse"], ac_prompt, g, sem_rate)
+        self.timings["coarse"], t = time.perf_counter() - t, time.perf_counter()
+        fine = self._fine(coarse, s["fine"], ac_prompt, g)
+        self.timings["fine"], t = time.perf_counter() - t, time.perf_counter()
+        codes = torch.cat([coarse, fine], 1)
+        self.last_codes = {"semantic": sem, "acoustic": codes}  # for inspection and tests
+        wav = self.codec.decode(codes, length=prompt_len + int(round(duration * self.sample_rate)))
+        self.timings["decode"] = time.perf_counter() - t
+        return wav
+
+    def _windows(self, stage) -> tuple[int, int]:
+        w = max(2, int(round(stage.cfg.window_seconds * stage.cfg.semantic_rate)))
+        return w, w // 2
+
+    def _semantic(self, cond_at, n, s, prompt, g, rate):
+        stage = self.parts["semantic"]
+        W, C = self._windows(stage)
+        out = prompt if prompt is not None else torch.zeros(len(cond_at(0.0)), 0, dtype=torch.long)
+        total = out.shape[1] + n
+        while out.shape[1] < total:
+            ctx = out[:, -C:] if out.shape[1] > C else out   # keep at most C tokens of context
+            new = min(W - ctx.shape[1], total - out.shape[1])
+            m = cond_at(out.shape[1] / rate).expand(len(out), -1)
+            out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g)], 1)
+        return out
+
+    def _coarse(self, cond_at, sem, s, prompt, g, rate):
+        stage, r = self.parts["coarse"], self.ratio
+        W, C = self._windows(stage)
+        B, n = sem.shape
+        out = prompt[:, : stage.cfg.coarse_levels] if prompt is not None else torch.zeros(B, stage.cfg.coarse_levels, 0, dtype=torch.long)
+        pos = out.shape[-1] // r   # semantic frames already covered by coarse codes
+        while pos < n:
+            a = max(0, min(pos - C, n - W)) if pos > 0 else 0
+            end = min(a + W, n)
+            m = cond_at(pos / rate).expand(B, -1)
+            new = stage.generate(m, sem[:, a:end], (end - pos) * r, s, prompt=out[..., a * r: pos * r], generator=g)
+            out, pos = torch.cat([out, new], -1), end
+        return out
+
+    def _fine(self, coarse, s, prompt, g):
+        stage = self.parts["fine"]
+        W = max(2, int(round(stage.cfg.window_seconds * stage.cfg.acoustic_rate)))
+        C = W // 2
+        B, _, T = coarse.shape
+        Qc = stage.cfg.coarse_levels
+        out = prompt[:, Qc:Qc + stage.cfg.fine_levels] if prompt is not None else torch.zeros(B, stage.cfg.fine_levels, 0, dtype=torch.long)
+        while out.shape[-1] < T:
+            pos = out.shape[-1]
+            a = max(0, min(pos - C, T - W)) if pos > 0 else 0
+            end = min(a + W, T)
+            window = stage.generate(coarse[..., a:end], s, generator=g, fine_prompt=out[..., a:pos])
+            out = torch.cat([out, window[..., pos - a:]], -1)
+        return out
+
+    @torch.no_grad()
+    def rerank(self, texts: list[str], candidates: torch.Tensor, k: int) -> torch.Tensor:
+        """candidates [B * k, 1, N] (k per text, text-major) -> the best per text by MuLan cosine, [B, 1, N]."""
+        t = self.mulan.embed_text(texts)
+        a = self.mulan.embed_audio(candidates, self.sample_rate).reshape(len(texts), k, -1)
+        best = (a * t[:, None]).sum(-1).argmax(1)
+        return candidates.reshape(len(texts), k, *candidates.shape[1:])[torch.arange(len(texts)), best]
 
 
 if __name__ == "__main__":
+    from pipeline_cli import main
     run_cli(main)

@@ -168,9 +168,7 @@ class SpectralTokenizer:
     @torch.no_grad()
     def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
         """[B, 1, N] -> codes [B, Q, ceil(N / hop)] (at least one frame)."""
-        x = prepare(wav, sample_rate, self.sample_rate)
-        frames = max(1, -(-x.shape[-1] // self.hop))
-        x = F.pad(x, (0, frames * self.hop - x.shape[-1]))
+        x = pad_to_frames(prepare(wav, sample_rate, self.sample_rate), self.hop)
         return self.model.rvq.encode(self.model.encoder((self.model.log_magnitude(x) - LOG_FLOOR / 2) / 5))
 
     @torch.no_grad()
@@ -185,6 +183,12 @@ class SpectralTokenizer:
 
     def join(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         return torch.cat([coarse, fine], 1)
+
+
+def pad_to_frames(x: torch.Tensor, hop: int) -> torch.Tensor:
+    """[B, N] -> [B, T * hop] with T = max(1, ceil(N / hop)): zeros appended."""
+    frames = max(1, -(-x.shape[-1] // hop))
+    return F.pad(x, (0, frames * hop - x.shape[-1]))
 
 
 def check_codes(codes: torch.Tensor, tok) -> None:

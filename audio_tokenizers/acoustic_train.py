@@ -17,7 +17,7 @@ from tqdm import tqdm
 from audio_tokenizers.acoustic import AcousticConfig, build_codec, tokenizer_for
 from common.config import config_to_dict, format_config
 from common.errors import UserError
-from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from common.training import StopFlag, log_jsonl, optimizer_step, resume_run, save_run, warmup_cosine
 from data.audio import crop_or_pad
 from data.dataset import ClipDataset
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -88,14 +88,9 @@ def train(cfg: AcousticConfig, resume: bool = False) -> Path:
         data.epoch = step  # a new crop per step, reproducible on resume
         idx = np.random.randint(0, len(data), cfg.batch_size)
         wav = torch.stack([data[int(i)] for i in idx])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
         losses = model.training_loss(wav[:, 0]) if hasattr(model, "training_loss") else spectral_loss(model, wav[:, 0])
         loss = sum(v for k, v in losses.items() if not k.startswith("_"))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(model, opt, loss, lr_at(step, cfg), cfg.grad_clip)
         step += 1
         seen += wav.numel()
         bar.update(1)

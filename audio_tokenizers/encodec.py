@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from audio_tokenizers.acoustic import AcousticConfig, check_codes, fit_length, prepare
+from audio_tokenizers.acoustic import AcousticConfig, check_codes, fit_length, pad_to_frames, prepare
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import log_mel
 from common.errors import CheckpointError
@@ -53,9 +52,7 @@ class EncodecTokenizer:
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
-        x = prepare(wav, sample_rate, self.sample_rate)
-        frames = max(1, -(-x.shape[-1] // self.hop))
-        x = F.pad(x, (0, frames * self.hop - x.shape[-1]))
+        x = pad_to_frames(prepare(wav, sample_rate, self.sample_rate), self.hop)
         out = self.model.encode(x[:, None], bandwidth=self.bandwidth)
         if out.audio_codes.shape[0] != 1:
             raise CheckpointError("chunked EnCodec models (e.g. 48 kHz) are not supported; use encodec_24khz/32khz")
@@ -135,9 +132,7 @@ class TrainedEncodecTokenizer(EncodecTokenizer):
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
-        x = prepare(wav, sample_rate, self.sample_rate)
-        frames = max(1, -(-x.shape[-1] // self.hop))
-        x = F.pad(x, (0, frames * self.hop - x.shape[-1]))
+        x = pad_to_frames(prepare(wav, sample_rate, self.sample_rate), self.hop)
         return self.model.rvq.encode(self.model.encoder(x[:, None]))
 
     @torch.no_grad()

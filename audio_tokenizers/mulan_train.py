@@ -19,7 +19,7 @@ from audio_tokenizers.mulan import MuLan, MuLanConfig
 from common.checkpoint import save_checkpoint
 from common.config import config_to_dict, format_config
 from common.errors import UserError
-from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from common.training import StopFlag, log_jsonl, optimizer_step, resume_run, save_run, warmup_cosine
 from data import captions as cap
 from data.audio import crop_or_pad
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -98,12 +98,7 @@ def train(cfg: MuLanConfig, resume: bool = False) -> Path:
         logits = model.logit_scale.exp().clamp(max=100) * a @ t.t()
         target = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(model, opt, loss, warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps), cfg.grad_clip)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:

@@ -21,7 +21,7 @@ from audio_tokenizers.semantic import (SemanticTokenizer, SemanticTokenizerConfi
 from common.checkpoint import load_checkpoint
 from common.config import config_from_dict, config_to_dict, format_config
 from common.errors import UserError
-from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from common.training import StopFlag, log_jsonl, optimizer_step, resume_run, save_run, warmup_cosine
 from data.audio import crop_or_pad
 from data.dataset import ClipDataset
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -104,12 +104,7 @@ def train(cfg: SemanticTokenizerConfig, resume: bool = False) -> Path:
         wav = torch.stack([data[int(i)] for i in np.random.randint(0, len(data), cfg.batch_size)])[:, 0]
         feats = log_mel_frames(wav, cfg)
         loss, acc = net(feats, span_mask(*feats.shape[:2], cfg))
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(net, opt, loss, warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps), cfg.grad_clip)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:

@@ -217,3 +217,31 @@ def _resolve(path: Path) -> Path:
     if leftovers:
         return leftovers[-1]
     raise CheckpointError(f"checkpoint {path} not found; check the path")
+
+
+def export(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, meta: dict | None = None) -> Path:
+    """Copy a checkpoint for shipping: float weights cast to `dtype` (fp16), no training state."""
+    ck = load_checkpoint(src)
+    return save_checkpoint(dst, ck.kind, ck.config, ck.state_dict, meta={**ck.meta, **(meta or {})}, dtype=dtype)
+
+
+def main() -> None:
+    import argparse
+
+    from common.errors import run_cli
+
+    def run() -> None:
+        ap = argparse.ArgumentParser(prog="python -m common.checkpoint", description="Checkpoint utilities.")
+        sub = ap.add_subparsers(dest="command", required=True)
+        ex = sub.add_parser("export", help="fp16 weights without training state, e.g. into pretrained/")
+        ex.add_argument("src")
+        ex.add_argument("dst")
+        args = ap.parse_args()
+        out = export(args.src, args.dst)
+        size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+        print(f"exported {args.src} -> {out} ({size:.1f} MB)")
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

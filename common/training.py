@@ -22,6 +22,17 @@ def warmup_cosine(step: int, lr: float, warmup: int, total: int, floor: float = 
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+                   clip: float) -> None:
+    """Set the learning rate, backpropagate `loss`, clip the gradient norm, step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM so the loop can save a checkpoint and exit cleanly."""
 

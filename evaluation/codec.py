@@ -117,11 +117,76 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--train-clips", type=int, default=1000)
+    ap.add_argument("--card", type=Path, default=None, help="also write a model card (CARD.md) there")
+    ap.add_argument("--run", type=Path, default=None, help="the training run (for steps and time on the card)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     results = evaluate_codec(load_acoustic(args.checkpoint), args.corpus, args.clips, args.seconds,
                              args.train_clips, args.out)
     print(json.dumps(results, indent=2))
+    if args.card:
+        write_card(args.card, args.checkpoint, results, args.run, args)
+
+
+def write_card(path: Path, checkpoint, results: dict, run: Path | None, args) -> None:
+    """A model card from the measured results and the run's log."""
+    from common.checkpoint import read_header
+    header = read_header(checkpoint or "pretrained/acoustic")
+    cfg = header["config"]
+    log = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if run else []
+    steps = max((r["step"] for r in log), default=header.get("meta", {}).get("step", "?"))
+    evals = [r for r in log if "eval" in r]
+    levels = sorted(int(k.split("@")[1]) for k in results if k.startswith("mel_distance@"))
+    rows = "\n".join(f"| {q} | {results[f'mel_distance@{q}']} | {results[f'si_snr_db@{q}']} |" for q in levels)
+    curve = "\n".join(f"| {r['step']} | {r['eval'].get(f'mel_distance@{levels[-1]}', float('nan')):.4f} |" for r in evals)
+    text = f"""# Acoustic codec: {header['kind']}
+
+Backend `{cfg['backend']}`: STFT log-magnitudes (n_fft {cfg['n_fft']}, hop {cfg['hop']} = {cfg['sample_rate'] / cfg['hop']:.0f} Hz
+frames at {cfg['sample_rate']} Hz) -> ConvNeXt encoder (dim {cfg['dim']}, {cfg['encoder_blocks']} blocks) ->
+RVQ {cfg['num_quantizers']} x {cfg['codebook_size']} (EMA codebooks, k-means init, dead-code restarts, quantizer dropout
+{cfg['quantizer_dropout']}) -> ConvNeXt decoder ({cfg['decoder_blocks']} blocks) -> log-magnitudes -> fast Griffin-Lim
+({cfg['griffin_lim_iters']} iterations). Weights stored in fp16.
+
+## Training
+- data: the project corpus (`python -m data.corpus --out corpus --clips 4000 --seed 0`), train split,
+  random {cfg['crop_seconds']} s crops, batch {cfg['batch_size']}
+- steps: {steps}; AdamW lr {cfg['lr']}, warmup {cfg['warmup']}, cosine
+- command: `python -m audio_tokenizers.acoustic train --config configs/acoustic.yaml {' '.join(f'{k}={cfg[k]}' for k in ('dim', 'decoder_blocks', 'steps', 'warmup'))}`
+- full config: `config.json` beside this card
+
+## Held-out quality (test split: {results['clips']} clips x {results['seconds']} s, none of their works seen in training)
+
+Multi-resolution log-mel L1 distance (FFT 512/1024/2048, hop FFT/4, 80 log10 mel bands, mean of the three;
+`evaluation/metrics.py`), and SI-SNR (not meaningful for a magnitude codec: Griffin-Lim phase is not the original's).
+
+| levels | mel distance | SI-SNR (dB) |
+|---|---|---|
+{rows}
+
+Instrument retention: an MFCC-statistics + logistic-regression classifier of the clip's instrument/ensemble
+({results['instrument_classes']} classes), trained on {args.train_clips} original train-split clips: accuracy
+{results['instrument_acc_original']} on the original test clips, {results['instrument_acc_reconstructed']} on their
+{levels[-1]}-level reconstructions: retention {results['instrument_retention']}.
+
+Decoding speed: {results['decode_seconds_per_audio_second']} s per second of audio (encode + decode, 2 CPU threads).
+
+Reference: Griffin-Lim from the *true* magnitudes at this STFT scores mel distance 0.047 (n_fft 1536, 32 iterations),
+the ceiling of this design; 1024-point windows would cap it at 0.074.
+
+Held-out mel distance at {levels[-1]} levels during training (16 valid clips x 4 s):
+
+| step | mel distance |
+|---|---|
+{curve}
+
+Reproduce: `python -m evaluation.codec --corpus corpus --checkpoint pretrained/acoustic --clips {args.clips} --seconds {args.seconds}`
+
+![original vs reconstruction](spectrograms.png)
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path / "CARD.md").write_text(text)
+    import shutil
+    shutil.copy(args.out / "spectrograms.png", path / "spectrograms.png")
 
 
 if __name__ == "__main__":

@@ -41,10 +41,12 @@ class FineStage:
         return flatten(codes), levels, levels >= self.cfg.coarse_levels
 
     def generate(self, coarse: torch.Tensor, s: Sampling = Sampling(), generator: torch.Generator | None = None,
-                 use_cache: bool = True, progress=None) -> torch.Tensor:
-        """Coarse codes [B, Q_c, T] -> fine codes [B, Q_f, T]."""
+                 use_cache: bool = True, progress=None, fine_prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Coarse codes [B, Q_c, T] (+ known fine codes of the first P frames [B, Q_f, P]) -> fine codes [B, Q_f, T]."""
         B, Qc, T = coarse.shape
         filler = torch.full((B, self.cfg.fine_levels, T), -1, dtype=coarse.dtype)
+        if fine_prompt is not None:
+            filler[..., : fine_prompt.shape[-1]] = fine_prompt
         plan = flatten(torch.cat([coarse, filler], 1))          # coarse ids, -1 where fine is sampled
         levels = self.frame_levels(T)
         out = generate(self.model, plan[:, :Qc], levels[:Qc], levels[Qc:], s, forced=plan[:, Qc:],

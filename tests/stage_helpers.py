@@ -7,7 +7,7 @@ import numpy as np
 
 def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), semantic_k=16, acoustic=(4, 32)):
     rng = np.random.default_rng(0)
-    ts, ta = int(seconds * 25), int(seconds * 50)
+    ts = int(seconds * 25)
     m = rng.integers(0, mulan[1], (clips, mulan[0]))
     # semantic: a cycle whose step is set by the first MuLan token; acoustic: a function of semantic
     start = rng.integers(0, semantic_k, clips)

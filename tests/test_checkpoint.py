@@ -1,5 +1,4 @@
 import json
-import os
 import random
 import signal
 import subprocess
@@ -132,3 +131,14 @@ def test_killed_write_leaves_previous_checkpoint_intact(tmp_path):
         assert ck.state_dict["w"].shape == (64, 1024, 1024) and float(ck.state_dict["w"][0, 0, 0]) == 2.0
     save_checkpoint(path, "toy", {"version": 3}, {"w": torch.zeros(2)})  # leftovers don't block saving
     assert load_checkpoint(path).config["version"] == 3
+
+
+def test_export_casts_to_fp16_and_drops_train_state(tmp_path):
+    from tests.helpers import run_module
+    model = tiny_model()
+    save_checkpoint(tmp_path / "run", "toy", {"a": 1}, model.state_dict(), train_state={"step": 1})
+    proc = run_module("common.checkpoint", "export", str(tmp_path / "run"), str(tmp_path / "ship"))
+    assert proc.returncode == 0, proc.stderr
+    ck = load_checkpoint(tmp_path / "ship", with_train_state=True)
+    assert ck.train_state is None and ck.config == {"a": 1} and ck.state_dict["0.weight"].dtype == torch.float16
+    assert not (tmp_path / "ship" / "train_state.json").exists()

@@ -1,9 +1,8 @@
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from common.config import CONFIG_CLASSES, config_class, format_config, load_config, parse_overrides
+from common.config import config_class, format_config, load_config, parse_overrides
 from common.errors import ConfigError
 
 

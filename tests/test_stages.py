@@ -13,7 +13,7 @@ from common.errors import UserError
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, load_stage
 from stages.coarse import flatten, unflatten
-from stages.sampling import Sampling, generate, top_k_filter, top_p_filter
+from stages.sampling import Sampling, top_k_filter, top_p_filter
 from stages.train import batch_at, check_cache, train
 from tests.helpers import ROOT
 from tests.stage_helpers import make_cache

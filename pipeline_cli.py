@@ -1,0 +1,127 @@
+"""The command line of pipeline.py (kept apart so pipeline.py stays the readable chain)."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import load_config
+from common.errors import AudioError, UserError
+from data.audio import load_audio, write_wav
+from pipeline import MAX_SECONDS, PARTS, ROOT, GenerationOptions, Pipeline, PipelineParts, load_parts
+
+
+def parse_story(items: list[str]) -> list[tuple[str, float]]:
+    story = []
+    for item in items:
+        text, _, start = item.rpartition(":")
+        try:
+            story.append((text, float(start)))
+        except ValueError:
+            raise UserError(f"--story {item!r}: write TEXT:SECONDS, e.g. \"calm piano:0\"") from None
+    if sorted(s for _, s in story) != [s for _, s in story] or story[0][1] != 0:
+        raise UserError("--story segments must start at 0 and be in time order")
+    return story
+
+
+def out_paths(out: Path, n_texts: int, batch: int) -> list[Path]:
+    if n_texts * batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}_{b}{out.suffix}") for i in range(n_texts) for b in range(batch)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python pipeline.py", description="Text to music.")
+    ap.add_argument("--text", nargs="+", action="extend", default=[], help="one or more prompts (one file each)")
+    ap.add_argument("--story", nargs="+", default=None, metavar="TEXT:SECONDS")
+    ap.add_argument("--out", type=Path, default=Path("song.wav"))
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--batch", type=int, default=1, help="variations per prompt")
+    ap.add_argument("--rerank", type=int, default=1, metavar="K", help="keep the best of K by MuLan score")
+    ap.add_argument("--prompt-audio", type=Path, default=None)
+    ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
+    for stage in ("semantic", "coarse", "fine"):
+        for knob, tp in (("temperature", float), ("top-k", int), ("top-p", float)):
+            ap.add_argument(f"--{stage}-{knob}", type=tp, default=None)
+    args = ap.parse_args()
+
+    if bool(args.text) == bool(args.story):
+        raise UserError("give either --text (one or more prompts) or --story")
+    if any(not t.strip() for t in args.text):
+        raise UserError("--text is empty; describe the music, e.g. --text \"calm solo piano\"")
+    if not 0 < args.duration <= MAX_SECONDS:
+        raise UserError(f"--duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {args.duration}")
+    if args.batch < 1 or args.rerank < 1:
+        raise UserError("--batch and --rerank must be at least 1")
+    story = parse_story(args.story) if args.story else None
+    out_dir = args.out.parent if str(args.out.parent) else Path(".")
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+        raise UserError(f"cannot write {args.out}: {out_dir} is not a writable folder")
+    paths = {k: v for k, v in vars(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml")).items()}
+    for item in args.stage:
+        name, _, path = item.partition("=")
+        if name not in PARTS or not path:
+            raise UserError(f"--stage {item!r}: use NAME=PATH with NAME one of {', '.join(PARTS)}")
+        paths[name] = path
+    prompt = None
+    if args.prompt_audio:
+        try:
+            prompt = torch.from_numpy(load_audio(args.prompt_audio, 24000))[None, None]
+        except AudioError as e:
+            raise UserError(f"--prompt-audio {e}") from None
+
+    t0 = time.perf_counter()
+    pipe = Pipeline(load_parts(paths))
+    load_s = time.perf_counter() - t0
+    if prompt is not None and pipe.sample_rate != 24000:
+        prompt = torch.from_numpy(load_audio(args.prompt_audio, pipe.sample_rate))[None, None]
+    opts = GenerationOptions(duration=args.duration, seed=args.seed, guidance=args.guidance, rerank=args.rerank)
+    for stage in ("semantic", "coarse", "fine"):
+        for knob in ("temperature", "top_k", "top_p"):
+            value = getattr(args, f"{stage}_{knob}")
+            if value is not None:
+                getattr(opts, stage)[knob] = value
+    texts = [t for t, _ in story] if story else args.text
+    rows = 1 if story else len(texts)
+    per = args.batch * args.rerank
+    t1 = time.perf_counter()
+    if story:
+        wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts,
+                                       prompt_audio=prompt) for _ in range(per)])
+    else:
+        expanded = [t for t in texts for _ in range(per)]
+        wav = pipe.generate(expanded, args.duration, options=opts,
+                            prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None)
+    if args.rerank > 1:
+        keys = [" ".join(texts)] if story else texts
+        wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank)
+    gen_s = time.perf_counter() - t1
+    for path, w in zip(out_paths(args.out, rows, args.batch), wav):
+        write_wav(path, w[0].numpy(), pipe.sample_rate)
+        if args.plot:
+            plot_single(w[0], pipe.sample_rate, path.with_suffix(".png"), path.stem)
+        print(f"wrote {path} ({w.shape[-1] / pipe.sample_rate:.1f} s at {pipe.sample_rate} Hz)")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
+    print(f"loaded models in {load_s:.1f} s; generated in {gen_s:.1f} s ({times})")
+
+
+def plot_single(wav: torch.Tensor, sr: int, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from audio_tokenizers.spectral import log_mel
+    m = log_mel(wav[None].float(), sr, 1024, 256, 80)[0].numpy()
+    fig, ax = plt.subplots(figsize=(10, 3))
+    ax.imshow(m, origin="lower", aspect="auto", vmin=-5, extent=[0, len(wav) / sr, 0, 80])
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("mel band")
+    plt.tight_layout()
+    plt.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,141 @@
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audio_tokenizers.acoustic import AcousticConfig, build_codec
+from audio_tokenizers.mulan import MuLan, MuLanConfig
+from audio_tokenizers.mulan_train import train_sentencepiece
+from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig
+from common.checkpoint import save_checkpoint
+from common.config import config_to_dict, load_config
+from common.errors import run_cli
+from pipeline import Pipeline, load_parts
+from stages.base import StageConfig, build_stage, save_stage
+from tests.helpers import ROOT, sine
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Debug versions of all six parts, saved as checkpoints that fit together."""
+    d = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    acfg = load_config(AcousticConfig, ROOT / "configs/debug/acoustic.yaml")
+    save_checkpoint(d / "acoustic", "acoustic_spectral", config_to_dict(acfg), build_codec(acfg).state_dict())
+    scfg = load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml", ["backend=logmel"])
+    SemanticTokenizer(scfg, torch.randn(16, 64)).save(d / "semantic_tokenizer")
+    mcfg = load_config(MuLanConfig, ROOT / "configs/debug/mulan.yaml")
+    mulan = MuLan(mcfg, train_sentencepiece(["a calm piano piece", "fast drums", "slow strings"] * 10, 400))
+    mulan.rvq.fit(torch.randn(64, mcfg.embed_dim))
+    save_checkpoint(d / "mulan", "mulan", config_to_dict(mcfg), mulan.state_dict())
+    for kind in ("semantic", "coarse", "fine"):
+        cfg = load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", ["acoustic_rate=100"])
+        save_stage(build_stage(cfg), d / kind)
+    return d
+
+
+def stage_args(d, **swap):
+    names = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
+    return [x for n in names for x in ("--stage", f"{n}={swap.get(n, d / n)}")]
+
+
+def cli(monkeypatch, capsys, *args):
+    import pipeline_cli
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        run_cli(pipeline_cli.main)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_end_to_end_length_rate_and_seed(parts, tmp_path, monkeypatch, capsys):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        code, out, err = cli(monkeypatch, capsys, "--text", "calm piano", "--duration", "2.5", "--seed", seed,
+                             "--out", tmp_path / f"{name}.wav", "--plot", *stage_args(parts))
+        assert code == 0, err
+    a, sr = sf.read(tmp_path / "a.wav")
+    assert sr == 24000 and len(a) == int(2.5 * 24000)
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+    # the untrained debug codec decodes to near-silence, so compare what the stages generated
+    pipe = Pipeline(load_parts({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic",
+                                                             "semantic", "coarse", "fine")}))
+    codes = []
+    for seed in (1, 1, 2):
+        from pipeline import GenerationOptions
+        pipe.generate(["calm piano"], 2.5, options=GenerationOptions(seed=seed))
+        codes.append(pipe.last_codes["acoustic"])
+    assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
+    assert codes[0].shape == (1, 4, 250)
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    assert "generated in" in out and "semantic" in out
+
+
+def test_long_story_continuation_rerank_and_batch(parts, tmp_path, monkeypatch, capsys):
+    pipe = Pipeline(load_parts({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic",
+                                                             "semantic", "coarse", "fine")}))
+    wav = pipe.generate(["fast drums"], duration=3.3)  # > 3 training windows of 1 s
+    assert wav.shape == (1, 1, int(3.3 * 24000))
+    story = pipe.generate(None, 2.0, story=[("calm piano", 0.0), ("fast drums", 1.0)])
+    assert story.shape == (1, 1, 48000)
+    prompt = torch.from_numpy(sine(440, 1.0, 24000))[None, None]
+    cont = pipe.generate(["slow strings"], duration=1.5, prompt_audio=prompt[..., :24500])  # cut to 24000
+    assert cont.shape == (1, 1, 24000 + 36000)
+    assert torch.equal(pipe.last_codes["acoustic"][..., :100], pipe.codec.encode(prompt))  # starts with the prompt
+    sf.write(tmp_path / "p.wav", sine(330, 1.0, 24000), 24000)
+    code, out, err = cli(monkeypatch, capsys, "--text", "calm piano", "fast drums", "--batch", "2", "--rerank", "2",
+                         "--duration", "1", "--out", tmp_path / "x.wav", "--prompt-audio", tmp_path / "p.wav",
+                         *stage_args(parts))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("x_*.wav")) == ["x_0_0.wav", "x_0_1.wav", "x_1_0.wav", "x_1_1.wav"]
+
+
+def test_parts_that_do_not_fit_are_named(parts, tmp_path, monkeypatch, capsys):
+    cfg = load_config(StageConfig, ROOT / "configs/debug/coarse.yaml", ["acoustic_rate=100", "acoustic_codebook=64"])
+    save_stage(build_stage(cfg), tmp_path / "coarse64")
+    code, _, err = cli(monkeypatch, capsys, "--text", "x", "--out", tmp_path / "o.wav",
+                       *stage_args(parts, coarse=tmp_path / "coarse64"))
+    assert code == 2 and "the coarse stage and the acoustic part disagree on acoustic codebook size: 64 vs 32" in err
+    assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize("case", ["empty", "zero", "long", "stage_name", "missing", "truncated", "wrong_kind",
+                                  "bad_prompt", "silent_prompt", "unwritable", "story"])
+def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o.wav"
+    args = ["--text", "calm piano", "--duration", "1", "--out", out]
+    swap = {}
+    if case == "empty":
+        args[1] = "  "
+    elif case == "zero":
+        args[3] = "0"
+    elif case == "long":
+        args[3] = "100000"
+    elif case == "stage_name":
+        args += ["--stage", "bass=x"]
+    elif case == "missing":
+        swap["fine"] = tmp_path / "nowhere"
+    elif case == "truncated":
+        import shutil
+        shutil.copytree(parts / "fine", tmp_path / "fine")
+        w = tmp_path / "fine" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:200])
+        swap["fine"] = tmp_path / "fine"
+    elif case == "wrong_kind":
+        swap["coarse"] = parts / "semantic"
+    elif case == "bad_prompt":
+        (tmp_path / "p.wav").write_bytes(b"nope")
+        args += ["--prompt-audio", tmp_path / "p.wav"]
+    elif case == "silent_prompt":
+        sf.write(tmp_path / "p.wav", np.zeros(24000, np.float32), 24000)
+        args += ["--prompt-audio", tmp_path / "p.wav"]
+    elif case == "unwritable":
+        args[5] = tmp_path / "no" / "dir" / "o.wav"
+    elif case == "story":
+        args = ["--story", "calm:3", "drums:0", "--out", out]
+    code, stdout, err = cli(monkeypatch, capsys, *args, *[a for a in stage_args(parts, **swap)
+                                                          if not (case == "stage_name" and False)])
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err and not out.exists() and not list(tmp_path.glob("*.wav.tmp"))
