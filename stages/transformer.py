@@ -11,6 +11,7 @@ so that generation costs one token's work per step.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +28,18 @@ class ModelShape:
     dropout: float = 0.0
 
 
+@functools.lru_cache(maxsize=8)
+def _rotary_table(half: int, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=device, dtype=torch.float32) / half))
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs[None]
+    return angles.cos(), angles.sin()
+
+
 def rotary(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels of x [B, H, L, Dh] by angles pos * theta_i (RoPE)."""
     half = x.shape[-1] // 2
-    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
-    angles = pos.float()[:, None] * freqs[None]                 # [L, half]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    length = 4096 * (1 + int(pos[-1]) // 4096)  # tables grow in steps, so they are built once
+    cos, sin = (t[pos].to(x.dtype) for t in _rotary_table(half, length, str(x.device)))
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -53,7 +60,8 @@ class Block(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        causal = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
+        # one new token may attend to everything cached; longer chunks need the causal mask
+        causal = None if L == 1 else torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.out(h.transpose(1, 2).reshape(B, L, D))
