@@ -94,7 +94,7 @@ def test_best_rq_learns_to_predict_masked_targets(manifest):
     first = None
     for _ in range(60):
         loss, acc = net(feats, mask)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
