@@ -1,6 +1,7 @@
 """Benchmarks. Run on an otherwise idle machine; quote medians.
 
     python -m evaluation.bench stages [--repeats 5]
+    python -m evaluation.bench pipeline [--stage NAME=PATH ...] [--durations 10 60]
 
 `stages` uses config B1: dim 256, depth 6, 4 heads, semantic vocabulary 512, codebook 1024,
 3 coarse levels, 12 MuLan tokens, a 5 s clip (125 semantic + 250 x 3 coarse tokens). It prints
@@ -75,13 +76,51 @@ def bench_stages(repeats: int, gen_tokens: int) -> dict:
             "kv_equals_no_cache": bool(torch.equal(runs[True][1], runs[False][1]))}
 
 
+def bench_pipeline(paths: dict[str, str], durations: list[float], out_dir: str) -> dict:
+    """Wall time from loaded models to a written WAV, per duration, and peak RSS of the process."""
+    import resource
+    from pathlib import Path
+
+    from data.audio import write_wav
+    from pipeline import Pipeline, load_parts
+    pipe = Pipeline(load_parts(paths))
+    res = {}
+    for seconds in durations:
+        t = time.perf_counter()
+        wav = pipe.generate(["a calm solo piano piece in C major"], seconds)
+        write_wav(Path(out_dir) / f"bench_{seconds:g}s.wav", wav[0, 0].numpy(), pipe.sample_rate)
+        res[f"wall_s@{seconds:g}s"] = round(time.perf_counter() - t, 2)
+        res[f"stages@{seconds:g}s"] = {k: round(v, 2) for k, v in pipe.timings.items()}
+    if len(durations) > 1:
+        res["ratio_longest_to_shortest"] = round(res[f"wall_s@{durations[-1]:g}s"] / res[f"wall_s@{durations[0]:g}s"], 2)
+    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Benchmarks (run on an idle machine).")
-    ap.add_argument("what", choices=["stages"])
+    ap.add_argument("what", choices=["stages", "pipeline"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gen-tokens", type=int, default=750, help="coarse tokens to generate (750 = 5 s)")
+    ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH", help="pipeline: swap a part")
+    ap.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0])
+    ap.add_argument("--out", default="/tmp")
     args = ap.parse_args()
-    print(json.dumps(bench_stages(args.repeats, args.gen_tokens), indent=2))
+    if args.what == "stages":
+        print(json.dumps(bench_stages(args.repeats, args.gen_tokens), indent=2))
+        return
+    from common.errors import UserError, run_cli
+    from pipeline import PARTS, PipelineParts
+
+    def run() -> None:
+        paths = {k: getattr(PipelineParts(), k) for k in PARTS}
+        for item in args.stage:
+            name, _, path = item.partition("=")
+            if name not in PARTS:
+                raise UserError(f"--stage {item!r}: NAME must be one of {', '.join(PARTS)}")
+            paths[name] = path
+        print(json.dumps(bench_pipeline(paths, args.durations, args.out), indent=2))
+    run_cli(run)
 
 
 if __name__ == "__main__":

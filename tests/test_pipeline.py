@@ -139,3 +139,12 @@ def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypa
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
     assert "Traceback" not in err and not out.exists() and not list(tmp_path.glob("*.wav.tmp"))
+
+
+def test_pipeline_benchmark_reports_times_and_memory(parts, tmp_path):
+    from evaluation.bench import bench_pipeline
+    res = bench_pipeline({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse",
+                                                        "fine")}, [1.0, 2.0], str(tmp_path))
+    assert res["wall_s@1s"] > 0 and res["wall_s@2s"] > 0 and res["peak_rss_mb"] > 100
+    assert set(res["stages@2s"]) == {"mulan", "semantic", "coarse", "fine", "decode"}
+    assert sf.read(tmp_path / "bench_2s.wav")[0].shape == (48000,)
