@@ -28,3 +28,24 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert "Traceback" not in proc.stderr
     for w in words:
         assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def save_debug_tokenizers(d: Path, semantic_name: str = "semantic_tokenizer") -> None:
+    """Debug acoustic codec, log-mel semantic tokenizer and MuLan, saved as checkpoints in `d`."""
+    import torch
+
+    from audio_tokenizers.acoustic import AcousticConfig, build_codec
+    from audio_tokenizers.mulan import MuLan, MuLanConfig
+    from audio_tokenizers.mulan_train import train_sentencepiece
+    from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig
+    from common.checkpoint import save_checkpoint
+    from common.config import config_to_dict, load_config
+    torch.manual_seed(0)
+    acfg = load_config(AcousticConfig, ROOT / "configs/debug/acoustic.yaml")
+    save_checkpoint(d / "acoustic", "acoustic_spectral", config_to_dict(acfg), build_codec(acfg).state_dict())
+    scfg = load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml", ["backend=logmel"])
+    SemanticTokenizer(scfg, torch.randn(16, 64)).save(d / semantic_name)
+    mcfg = load_config(MuLanConfig, ROOT / "configs/debug/mulan.yaml")
+    mulan = MuLan(mcfg, train_sentencepiece(["a calm piano piece", "fast drums", "slow strings"] * 10, 400))
+    mulan.rvq.fit(torch.randn(64, mcfg.embed_dim))
+    save_checkpoint(d / "mulan", "mulan", config_to_dict(mcfg), mulan.state_dict())

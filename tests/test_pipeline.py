@@ -5,31 +5,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from audio_tokenizers.acoustic import AcousticConfig, build_codec
-from audio_tokenizers.mulan import MuLan, MuLanConfig
-from audio_tokenizers.mulan_train import train_sentencepiece
-from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig
-from common.checkpoint import save_checkpoint
-from common.config import config_to_dict, load_config
+from common.config import load_config
 from common.errors import run_cli
 from pipeline import Pipeline, load_parts
 from stages.base import StageConfig, build_stage, save_stage
-from tests.helpers import ROOT, sine
+from tests.helpers import ROOT, save_debug_tokenizers, sine
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Debug versions of all six parts, saved as checkpoints that fit together."""
     d = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    acfg = load_config(AcousticConfig, ROOT / "configs/debug/acoustic.yaml")
-    save_checkpoint(d / "acoustic", "acoustic_spectral", config_to_dict(acfg), build_codec(acfg).state_dict())
-    scfg = load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml", ["backend=logmel"])
-    SemanticTokenizer(scfg, torch.randn(16, 64)).save(d / "semantic_tokenizer")
-    mcfg = load_config(MuLanConfig, ROOT / "configs/debug/mulan.yaml")
-    mulan = MuLan(mcfg, train_sentencepiece(["a calm piano piece", "fast drums", "slow strings"] * 10, 400))
-    mulan.rvq.fit(torch.randn(64, mcfg.embed_dim))
-    save_checkpoint(d / "mulan", "mulan", config_to_dict(mcfg), mulan.state_dict())
+    save_debug_tokenizers(d)
     for kind in ("semantic", "coarse", "fine"):
         cfg = load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", ["acoustic_rate=100"])
         save_stage(build_stage(cfg), d / kind)

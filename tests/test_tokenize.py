@@ -5,29 +5,18 @@ import soundfile as sf
 import torch
 
 from audio_tokenizers.acoustic import AcousticConfig, build_codec
-from audio_tokenizers.mulan import MuLan, MuLanConfig
-from audio_tokenizers.mulan_train import train_sentencepiece
-from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig
 from common.checkpoint import save_checkpoint
 from common.config import config_to_dict, load_config
 from common.errors import UserError
 from data.tokenize import TokenCache, tokenize
-from tests.helpers import ROOT, assert_clean_error, run_module, sine
+from tests.helpers import ROOT, assert_clean_error, run_module, save_debug_tokenizers, sine
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Debug tokenizers saved as checkpoints, and a manifest of four tones."""
     d = tmp_path_factory.mktemp("tok")
-    torch.manual_seed(0)
-    acfg = load_config(AcousticConfig, ROOT / "configs/debug/acoustic.yaml")
-    save_checkpoint(d / "acoustic", "acoustic_spectral", config_to_dict(acfg), build_codec(acfg).state_dict())
-    scfg = load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml", ["backend=logmel"])
-    SemanticTokenizer(scfg, torch.randn(16, 64)).save(d / "semantic")
-    mcfg = load_config(MuLanConfig, ROOT / "configs/debug/mulan.yaml")
-    mulan = MuLan(mcfg, train_sentencepiece(["a calm piano piece", "fast drums"] * 10, 400))
-    mulan.rvq.fit(torch.randn(64, mcfg.embed_dim))
-    save_checkpoint(d / "mulan", "mulan", config_to_dict(mcfg), mulan.state_dict())
+    save_debug_tokenizers(d, "semantic")
     rows = []
     for i, f in enumerate([220, 330, 440, 550]):
         sf.write(d / f"{i}.wav", sine(f, 1.5 if i else 0.7, 24000), 24000)
