@@ -44,13 +44,11 @@ class PipelineParts:
 
 @dataclass
 class GenerationOptions:
-    duration: float = 10.0
     seed: int = 0
     guidance: float = 3.0
     semantic: dict = field(default_factory=lambda: {"temperature": 1.0, "top_k": 0, "top_p": 1.0})
     coarse: dict = field(default_factory=lambda: {"temperature": 0.95, "top_k": 0, "top_p": 1.0})
     fine: dict = field(default_factory=lambda: {"temperature": 0.8, "top_k": 0, "top_p": 1.0})
-    rerank: int = 1
 
 
 def check_fit(parts: dict) -> None:
@@ -122,8 +120,7 @@ class Pipeline:
         """Prompts (or a story: [(text, start seconds)]) -> audio [B, 1, N] at the codec's rate; with
         `prompt_audio` [B, 1, P] the output is the prompt (cut to whole token frames) plus `duration`."""
         from stages.sampling import Sampling
-        o = options or GenerationOptions(duration=duration)
-        o.duration = duration
+        o = options or GenerationOptions()
         if not 0 < duration <= MAX_SECONDS:
             raise UserError(f"duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {duration}")
         segments = story or [(t, 0.0) for t in (texts or [])]

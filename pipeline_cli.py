@@ -81,7 +81,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     if prompt is not None and pipe.sample_rate != 24000:
         prompt = torch.from_numpy(load_audio(args.prompt_audio, pipe.sample_rate))[None, None]
-    opts = GenerationOptions(duration=args.duration, seed=args.seed, guidance=args.guidance, rerank=args.rerank)
+    opts = GenerationOptions(seed=args.seed, guidance=args.guidance)
     for stage in ("semantic", "coarse", "fine"):
         for knob in ("temperature", "top_k", "top_p"):
             value = getattr(args, f"{stage}_{knob}")

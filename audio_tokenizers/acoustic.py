@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import griffin_lim, mel_filters, stft
-from common.checkpoint import load_checkpoint, read_header
+from common.checkpoint import hf_model_type, load_checkpoint, read_header
 from common.config import config_from_dict, register_config
 from common.errors import AudioError, CheckpointError
 from data.audio import resample
@@ -224,7 +224,7 @@ def load_acoustic(path: str | Path | None = None):
     """A tokenizer from a project checkpoint (kind acoustic_spectral / acoustic_encodec) or a
     Hugging Face EnCodec folder (e.g. a local copy of facebook/encodec_24khz)."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
-    if (path / "config.json").is_file() and "model_type" in read_json(path / "config.json"):
+    if hf_model_type(path) is not None:
         from audio_tokenizers.encodec import EncodecTokenizer
         return EncodecTokenizer.from_pretrained(path)
     if not path.exists() and path == DEFAULT_CHECKPOINT:
@@ -237,13 +237,6 @@ def load_acoustic(path: str | Path | None = None):
     model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()})
     return tokenizer_for(model)
 
-
-def read_json(path: Path) -> dict:
-    import json
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path} is not valid JSON") from None
 
 
 # ---------------------------------------------------------------- command line

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from audio_tokenizers.acoustic import prepare
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import log_mel
-from common.checkpoint import load_checkpoint
+from common.checkpoint import hf_model_type, load_checkpoint
 from common.config import config_from_dict, register_config
 from common.errors import CheckpointError, UserError
 
@@ -231,8 +231,7 @@ def _as_tensor(out) -> torch.Tensor:
 def load_conditioner(path: str | Path | None = None):
     """A MuLan checkpoint (kind mulan) or a local CLAP folder (its tokens need a fitted RVQ)."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
-    cfg_file = path / "config.json"
-    if cfg_file.is_file() and '"model_type"' in cfg_file.read_text() and "clap" in cfg_file.read_text():
+    if hf_model_type(path) == "clap":
         return ClapConditioner(str(path))
     if not path.exists() and path == DEFAULT_CHECKPOINT:
         raise CheckpointError(f"no shipped MuLan at {path}; train one with `python -m audio_tokenizers.mulan train`")

@@ -185,7 +185,6 @@ def main() -> None:
     import argparse
 
     from common.config import load_config
-    from common.errors import UserError
     from data.audio import load_audio
 
     ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.semantic", description=__doc__.split("\n")[0])
@@ -212,10 +211,7 @@ def main() -> None:
         return
     tok = load_semantic(args.checkpoint)
     for f in args.files:
-        try:
-            wav = torch.from_numpy(load_audio(f, tok.sample_rate, allow_silent=True))[None, None]
-        except UserError as e:
-            raise UserError(f"{e}") from None
+        wav = torch.from_numpy(load_audio(f, tok.sample_rate, allow_silent=True))[None, None]
         ids = tok.encode(wav)[0]
         print(f"{f} " + " ".join(str(int(i)) for i in ids))
 

@@ -178,6 +178,17 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def hf_model_type(path: str | Path) -> str | None:
+    """The `model_type` of a Hugging Face folder (e.g. "encodec", "clap"), None for our checkpoints."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        return json.loads(cfg_file.read_text()).get("model_type")
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{cfg_file} is corrupt (not JSON)") from None
+
+
 def load_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None,
                     with_train_state: bool = False) -> Checkpoint:
     """Read a checkpoint; `kind` (one or several) rejects checkpoints of other kinds."""
