@@ -115,3 +115,27 @@ def test_sentencepiece_keeps_unseen_characters():
     proto = train_sentencepiece(["a calm piano piece in C major", "fast drums and bass"] * 20, 400)
     sp = spm.SentencePieceProcessor(model_proto=proto)
     assert sp.decode(sp.encode("calm 音楽")) == "calm 音楽"  # byte fallback, no <unk>
+
+
+def test_held_out_evaluation_rephrases_with_unseen_templates(trained, tmp_path):
+    from evaluation.mulan import HELD_OUT_TEMPLATES, first_level_agreement, rephrase
+    d, manifest = trained
+    # the held-out templates' distinctive words never occur in the corpus builder's captions
+    source = (ROOT / "data/captions.py").read_text()
+    assert all(w not in source for w in ("Instrumentation", "Tonality", "arrangement", "performs"))
+    row = read_manifest(manifest)[0]
+    texts = [rephrase(row, i) for i in range(len(HELD_OUT_TEMPLATES))]
+    assert len(set(texts)) == len(texts) and all(row["style"].lower() in t.lower() for t in texts)
+    agree = first_level_agreement(torch.tensor([[1], [2], [3], [3]]), torch.tensor([[1], [2], [0], [3]]), 4)
+    assert agree["agreement"] == 0.75 and agree["chance"] == pytest.approx(0.25 * 0.25 + 0.25 * 0.25 + 0.5 * 0.25)
+    corpus = d / "corpus"
+    (corpus / "test.jsonl").write_text(manifest.read_text())  # the tiny corpus's own clips stand in
+    proc = run_module("evaluation.mulan", "--corpus", str(corpus), "--checkpoint", str(d / "run/model"),
+                      "--clips", "16", "--out", str(tmp_path / "m.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["clips"] == 16 and 0 <= res["rephrased"]["recall@10"] <= 1
+    assert res["captions"]["recall@10"] >= res["captions"]["recall@1"]
+    assert 0 <= res["tokens"]["agreement"] <= 1 and res["tokens"]["uniform_chance"] == 1 / 8
+    assert_clean_error(run_module("evaluation.mulan", "--corpus", str(tmp_path), "--checkpoint", str(d / "run/model")),
+                       "test.jsonl", "not found")
