@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from common.config import register_config
 from common.errors import UserError, run_cli
@@ -192,19 +193,19 @@ class Pipeline:
         return out
 
     def _fine(self, coarse, s, prompt, g):
+        """Non-overlapping windows, all in one batch (as AudioLM's fine stage: the coarse codes carry
+        the continuity). The end is padded to a whole window: a fine frame never sees later coarse
+        frames, so the padding cannot change the real ones."""
         stage = self.parts["fine"]
         W = max(2, int(round(stage.cfg.window_seconds * stage.cfg.acoustic_rate)))
-        C = W // 2
-        B, _, T = coarse.shape
-        Qc = stage.cfg.coarse_levels
-        out = prompt[:, Qc:Qc + stage.cfg.fine_levels] if prompt is not None else torch.zeros(B, stage.cfg.fine_levels, 0, dtype=torch.long)
-        while out.shape[-1] < T:
-            pos = out.shape[-1]
-            a = max(0, min(pos - C, T - W)) if pos > 0 else 0
-            end = min(a + W, T)
-            window = stage.generate(coarse[..., a:end], s, generator=g, fine_prompt=out[..., a:pos])
-            out = torch.cat([out, window[..., pos - a:]], -1)
-        return out
+        B, Qc, T = coarse.shape
+        Qf, n = stage.cfg.fine_levels, -(-T // W)
+        known = torch.full((B, Qf, n * W), -1, dtype=torch.long)   # -1: to sample
+        if prompt is not None:
+            known[..., : prompt.shape[-1]] = prompt[:, Qc:Qc + Qf]
+        fold = lambda x: x.reshape(B, x.shape[1], n, W).transpose(1, 2).reshape(B * n, x.shape[1], W)  # noqa: E731
+        fine = stage.generate(fold(F.pad(coarse, (0, n * W - T))), s, generator=g, fine_prompt=fold(known))
+        return fine.reshape(B, n, Qf, W).transpose(1, 2).reshape(B, Qf, n * W)[..., :T]
 
     @torch.no_grad()
     def rerank(self, texts: list[str], candidates: torch.Tensor, k: int) -> torch.Tensor:

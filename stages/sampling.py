@@ -51,33 +51,44 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     """Continue `prefix` [B, P] with len(levels) tokens of the given levels -> [B, len(levels)].
 
     `forced` [B, N] gives tokens to copy instead of sampling where >= 0 (e.g. known coarse
-    codes). With `null_prefix` (the prefix with its condition replaced by null tokens) and
-    guidance != 1, conditional and unconditional rows run in one batch and their logits are
-    mixed. `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks).
+    codes); a run of positions forced in every row is fed to the model in one call. With
+    `null_prefix` (the prefix with its condition replaced by null tokens) and guidance != 1,
+    conditional and unconditional rows run in one batch and their logits are mixed.
+    `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks).
     """
     B, P = prefix.shape
+    N = len(levels)
     guided = null_prefix is not None and s.guidance != 1.0
     seq = torch.cat([prefix, null_prefix]) if guided else prefix
     all_levels = torch.cat([prefix_levels, levels])
+    known = forced >= 0 if forced is not None else torch.zeros(B, N, dtype=torch.bool)
+    everywhere = known.all(0).tolist()   # positions copied in every row need no logits
     cache = model.new_cache() if use_cache else None
     h = model.hidden(seq, prefix_levels, 0, cache)[:, -1]
-    out = []
-    for i in range(len(levels)):
-        logits = model.logits(h, int(levels[i]))
-        if guided:
-            logits = cfg_mix(logits[:B], logits[B:], s.guidance)
-        tok = sample(logits, s, generator)
-        if forced is not None:
-            tok = torch.where(forced[:, i] >= 0, forced[:, i], tok)
-        out.append(tok)
-        step = torch.cat([tok, tok]) if guided else tok
-        if progress is not None:
-            progress.update(1)
-        if i == len(levels) - 1:
-            break
-        if use_cache:
-            h = model.hidden(step[:, None], levels[i:i + 1], P + i, cache)[:, -1]
+    out = torch.zeros(B, N, dtype=torch.long)
+    i = 0
+    while i < N:
+        if everywhere[i]:
+            out[:, i] = forced[:, i]
         else:
-            seq = torch.cat([seq, step[:, None]], 1)
-            h = model.hidden(seq, all_levels[: P + i + 1])[:, -1]
-    return torch.stack(out, 1)
+            logits = model.logits(h, int(levels[i]))
+            if guided:
+                logits = cfg_mix(logits[:B], logits[B:], s.guidance)
+            out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s, generator)) if forced is not None \
+                else sample(logits, s, generator)
+        j = i + 1
+        while j < N and everywhere[j]:   # copy the forced run that follows and feed it with token i
+            out[:, j] = forced[:, j]
+            j += 1
+        if progress is not None:
+            progress.update(j - i)
+        if j == N:
+            break
+        chunk = torch.cat([out[:, i:j], out[:, i:j]]) if guided else out[:, i:j]
+        if use_cache:
+            h = model.hidden(chunk, levels[i:j], P + i, cache)[:, -1]
+        else:
+            seq = torch.cat([seq, chunk], 1)
+            h = model.hidden(seq, all_levels[: P + j])[:, -1]
+        i = j
+    return out
