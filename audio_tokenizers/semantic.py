@@ -5,7 +5,8 @@
 
 Feature backends (swappable for ablations, all behind the same k-means):
 - `w2vbert`: transformers' `Wav2Vec2BertModel` (the w2v-BERT 2.0 conformer) at a small size,
-  fed with log-mel frames stacked to 25 Hz, trained here with BEST-RQ (semantic_train.py);
+  fed with log-mel frames stacked to 25 Hz, trained here by masked prediction of frozen
+  targets, BEST-RQ's or k-means' (semantic_train.py);
 - `pretrained`: any Wav2Vec2Bert or HuBERT folder saved by `save_pretrained` (e.g. a local
   copy of facebook/w2v-bert-2.0), with its own feature extractor, pooled to 25 Hz;
 - `logmel`: the stacked log-mel frames themselves, the no-SSL baseline.
@@ -48,7 +49,10 @@ class SemanticTokenizerConfig:
     heads: int = 4
     ffn_size: int = 1024
     conv_kernel: int = 15
-    # BEST-RQ self-supervision
+    # masked-prediction self-supervision: targets of each input frame come from a frozen quantizer,
+    # "bestrq" (random projection + random codebook) or "kmeans" (k-means on the input frames,
+    # HuBERT's first iteration); rq_codebook_size is the number of targets either way
+    ssl_targets: str = "bestrq"
     rq_codebook_size: int = 1024
     rq_dim: int = 16
     mask_prob: float = 0.1             # probability that a masked span starts at a frame

@@ -28,20 +28,36 @@ from data.manifest import SkipCounter, iter_audio, read_manifest
 
 
 class BestRQ(nn.Module):
-    """Conformer + prediction head + the frozen random-projection quantizer."""
+    """Conformer + prediction head + the frozen target quantizer (BEST-RQ's or k-means')."""
 
     def __init__(self, cfg: SemanticTokenizerConfig):
         super().__init__()
+        if cfg.ssl_targets not in ("bestrq", "kmeans"):
+            raise UserError(f"ssl_targets must be bestrq or kmeans, got {cfg.ssl_targets!r}")
         self.cfg = cfg
         self.model = build_conformer(cfg)
         self.head = nn.Linear(cfg.hidden_size, cfg.rq_codebook_size)
         g = torch.Generator().manual_seed(1234)
         dim = cfg.n_mels * cfg.stack
         self.register_buffer("projection", torch.randn(dim, cfg.rq_dim, generator=g) / dim ** 0.5)
-        self.register_buffer("codebook", F.normalize(torch.randn(cfg.rq_codebook_size, cfg.rq_dim, generator=g), dim=1))
+        if cfg.ssl_targets == "bestrq":
+            codebook = F.normalize(torch.randn(cfg.rq_codebook_size, cfg.rq_dim, generator=g), dim=1)
+        else:   # filled by fit_targets before training, then frozen
+            codebook = torch.zeros(cfg.rq_codebook_size, dim)
+        self.register_buffer("codebook", codebook)
+
+    def fit_targets(self, wav: torch.Tensor) -> None:
+        """k-means targets: cluster the input frames of training clips wav [B, N] once."""
+        from sklearn.cluster import MiniBatchKMeans
+        x = torch.cat([log_mel_frames(wav[i:i + 16], self.cfg) for i in range(0, len(wav), 16)]).flatten(0, 1)
+        km = MiniBatchKMeans(self.cfg.rq_codebook_size, batch_size=4096, n_init=1, max_iter=30,
+                             random_state=self.cfg.seed).fit(x.numpy())
+        self.codebook.copy_(torch.from_numpy(km.cluster_centers_))
 
     def targets(self, feats: torch.Tensor) -> torch.Tensor:
-        """[B, T, D] -> [B, T] ids of the nearest random codeword."""
+        """[B, T, D] -> [B, T] target ids: nearest random codeword by cosine (BEST-RQ) or nearest centroid."""
+        if self.cfg.ssl_targets == "kmeans":
+            return (feats @ self.codebook.t() - 0.5 * (self.codebook ** 2).sum(1)).argmax(-1)
         return (F.normalize(feats @ self.projection, dim=-1) @ self.codebook.t()).argmax(-1)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +111,8 @@ def train(cfg: SemanticTokenizerConfig, resume: bool = False) -> Path:
     step = resume_run(out, "semantic_ssl", net, opt)["step"] if resume else 0
     data = ClipDataset(read_manifest(cfg.train_manifest), cfg.sample_rate,
                        int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
+    if cfg.ssl_targets == "kmeans" and not resume:
+        net.fit_targets(clips_from(cfg.train_manifest, cfg, min(len(data), 400), cfg.crop_seconds))
     held_out = clips_from(cfg.valid_manifest, cfg, cfg.eval_clips, cfg.crop_seconds)
     print(f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", flush=True)
     stop, t0 = StopFlag(), time.time()

@@ -82,13 +82,19 @@ def test_span_mask_covers_about_40_percent():
         assert int(ends[0] - starts[0]) >= 5
 
 
-def test_best_rq_learns_to_predict_masked_targets(manifest):
+@pytest.mark.parametrize("targets", ["bestrq", "kmeans"])
+def test_masked_prediction_learns_its_targets(targets, manifest):
     from audio_tokenizers.semantic import log_mel_frames
     torch.manual_seed(0)
-    cfg = debug_cfg()
+    cfg = debug_cfg(ssl_targets=targets)
     net = BestRQ(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     wav = torch.stack([torch.from_numpy(sine(f, 1.0, 24000)) for f in (220, 440, 660, 880)])
+    if targets == "kmeans":
+        assert float(net.codebook.abs().sum()) == 0
+        net.fit_targets(wav)
+        # four steady tones: each tone's frames share one target, and the tones get different ones
+        assert len(set(net.targets(log_mel_frames(wav, cfg))[:, 2:-2].flatten().tolist())) >= 4
     feats = log_mel_frames(wav, cfg)
     mask = span_mask(*feats.shape[:2], cfg, torch.Generator().manual_seed(1))
     first = None
