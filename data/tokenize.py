@@ -25,6 +25,7 @@ from data.audio import crop_or_pad
 from data.manifest import SkipCounter, iter_audio, read_manifest
 
 ARRAYS = ("acoustic", "semantic", "mulan")
+BATCH = 8
 
 
 def checkpoint_hash(path: str | Path) -> str:
@@ -86,17 +87,26 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
                             "use a new --out folder")
     n = int(seconds * acoustic.sample_rate)
     skips, clips, arrays = SkipCounter(), [], {k: [] for k in ARRAYS}
+
+    def encode(batch: list[np.ndarray]) -> None:   # batches of clips: fewer, larger matrix products
+        x = torch.from_numpy(np.stack(batch))[:, None]
+        arrays["acoustic"].extend(acoustic.encode(x).numpy().astype(np.int16))
+        arrays["semantic"].extend(semantic.encode(x).numpy().astype(np.int16))
+        arrays["mulan"].extend(mulan.tokens(mulan.embed_audio(x)).numpy().astype(np.int16))
+        batch.clear()
+
     for manifest in manifests:
-        rows = read_manifest(manifest)
+        rows, batch = read_manifest(manifest), []
         default_split = manifest.stem if manifest.stem in ("train", "valid", "test") else "train"
         for row, wav in tqdm(iter_audio(rows, acoustic.sample_rate, skips), total=len(rows), desc=manifest.name,
                              mininterval=5.0):
-            x = torch.from_numpy(crop_or_pad(wav, n).copy())[None, None]
-            arrays["acoustic"].append(acoustic.encode(x)[0].numpy().astype(np.int16))
-            arrays["semantic"].append(semantic.encode(x)[0].numpy().astype(np.int16))
-            arrays["mulan"].append(mulan.tokens(mulan.embed_audio(x))[0].numpy().astype(np.int16))
+            batch.append(crop_or_pad(wav, n))
             clips.append({"audio": row["audio"], "caption": row.get("caption", ""),
                           "split": row.get("split", default_split)})
+            if len(batch) == BATCH:
+                encode(batch)
+        if batch:
+            encode(batch)
     if not clips:
         raise UserError(f"no readable audio in {', '.join(map(str, manifests))}; {skips.summary()}")
     out.mkdir(parents=True, exist_ok=True)

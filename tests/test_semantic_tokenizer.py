@@ -132,3 +132,15 @@ def test_train_resume_and_encode_cli(manifest, tmp_path):
 def test_published_folder_errors(tmp_path):
     with pytest.raises(CheckpointError, match="cannot load a pretrained"):
         SemanticTokenizer(debug_cfg(backend="pretrained", pretrained_path=str(tmp_path)), torch.zeros(4, 8))
+
+
+def test_features_skip_the_layers_above_the_clustered_one_exactly():
+    from audio_tokenizers.semantic import log_mel_frames
+    torch.manual_seed(0)
+    cfg = debug_cfg()
+    model = build_conformer(cfg).eval()
+    tok = SemanticTokenizer(cfg, torch.zeros(4, cfg.hidden_size), model)
+    x = torch.from_numpy(sine(330, 1.0, 24000))[None, None]
+    with torch.no_grad():
+        full = model(log_mel_frames(x[:, 0], cfg), output_hidden_states=True).hidden_states[cfg.layer]
+    assert torch.equal(tok.features(x), full) and len(model.encoder.layers) == cfg.layers
