@@ -1,0 +1,62 @@
+"""Does the output follow the prompt? Tempo, key and instrument estimated from the audio.
+
+- tempo: librosa's beat tracker; correct when within 4% of the requested bpm, allowing the
+  usual octave errors (x2, x1/2, x3, x1/3: MIREX's "accuracy 2");
+- key: mean chroma (CQT) correlated with the 24 rotated Krumhansl-Schmuckler profiles;
+- instrument: MFCC statistics + logistic regression trained on corpus renders
+  (evaluation.codec.instrument_classifier), also the source of label distributions for KL.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
+ALIASES = {"Db": "C#", "D#": "Eb", "Gb": "F#", "G#": "Ab", "A#": "Bb", "Cb": "B", "Fb": "E", "E#": "F", "B#": "C"}
+MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+OCTAVE_FACTORS = (1.0, 2.0, 0.5, 3.0, 1 / 3)
+
+
+def estimate_tempo(wav: np.ndarray, sr: int) -> float:
+    import librosa
+    tempo, _ = librosa.beat.beat_track(y=wav.astype(np.float32), sr=sr)
+    return float(np.atleast_1d(tempo)[0])
+
+
+def tempo_correct(estimated: float, requested: float, tolerance: float = 0.04) -> bool:
+    return any(abs(estimated - f * requested) <= tolerance * f * requested for f in OCTAVE_FACTORS)
+
+
+def estimate_key(wav: np.ndarray, sr: int) -> str:
+    """-> e.g. "G major", "F# minor"."""
+    import librosa
+    chroma = librosa.feature.chroma_cqt(y=wav.astype(np.float32), sr=sr).mean(1)
+    best, name = -2.0, ""
+    for mode, profile in (("major", MAJOR), ("minor", MINOR)):
+        for tonic in range(12):
+            r = np.corrcoef(chroma, np.roll(profile, tonic))[0, 1]
+            if r > best:
+                best, name = r, f"{NAMES[tonic]} {mode}"
+    return name
+
+
+def normalise_key(key: str) -> str:
+    tonic, _, mode = key.strip().partition(" ")
+    tonic = tonic[:1].upper() + tonic[1:].replace("-", "b")
+    return f"{ALIASES.get(tonic, tonic)} {mode.lower()}"
+
+
+def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=None) -> dict:
+    """Accuracy of tempo, key and instrument against the rows' metadata (where the rows have it)."""
+    from evaluation.codec import mfcc_features
+    out = {}
+    if all("tempo" in r for r in rows):
+        out["tempo_acc"] = float(np.mean([tempo_correct(estimate_tempo(w, sr), float(r["tempo"]))
+                                          for r, w in zip(rows, waves)]))
+    if all("key" in r for r in rows):
+        out["key_acc"] = float(np.mean([normalise_key(estimate_key(w, sr)) == normalise_key(r["key"])
+                                        for r, w in zip(rows, waves)]))
+    if classifier is not None and all("instrument_label" in r for r in rows):
+        pred = classifier.predict(np.stack([mfcc_features(w, sr) for w in waves]))
+        out["instrument_acc"] = float(np.mean(pred == np.array([r["instrument_label"] for r in rows])))
+    return out

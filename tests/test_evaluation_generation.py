@@ -1,0 +1,124 @@
+"""Generation metrics on cases whose answer is known, and the two harnesses end to end."""
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from common.config import load_config
+from evaluation.adherence import estimate_key, estimate_tempo, normalise_key, tempo_correct
+from evaluation.metrics import cycle_consistency, frechet_distance, kl_divergence
+from stages.base import StageConfig, build_stage, save_stage
+from tests.helpers import ROOT, assert_clean_error, run_module, save_debug_tokenizers
+
+SR = 24000
+
+
+def click_track(bpm: float, seconds: float) -> np.ndarray:
+    wav = np.zeros(int(seconds * SR), dtype=np.float32)
+    click = np.sin(2 * np.pi * 1000 * np.arange(480) / SR) * np.exp(-np.arange(480) / 80)
+    for start in np.arange(0, seconds, 60 / bpm):
+        i = int(start * SR)
+        wav[i:i + 480] += click[: len(wav) - i] * 0.8
+    return wav
+
+
+def chords(names: list[list[float]], seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    env = np.minimum(1, 20 * t) * np.exp(-t)
+    return np.concatenate([sum(np.sin(2 * np.pi * f * t) for f in c) * env * 0.2 for c in names]).astype(np.float32)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_shift():
+    x = np.random.default_rng(0).normal(size=(200, 8))
+    assert abs(frechet_distance(x, x)) < 1e-4
+    near, far = frechet_distance(x, x + 0.5), frechet_distance(x, x + 2.0)
+    assert near == pytest.approx(8 * 0.25, rel=0.05) and far == pytest.approx(8 * 4.0, rel=0.05)
+    assert frechet_distance(x, x * 2) > 1.0   # a scaled covariance counts too
+    with pytest.raises(ValueError):
+        frechet_distance(x[:1], x)
+
+
+def test_click_track_at_120_bpm_is_measured_as_120():
+    bpm = estimate_tempo(click_track(120, 12), SR)
+    assert bpm == pytest.approx(120, rel=0.04)
+    assert tempo_correct(bpm, 120) and tempo_correct(60.5, 120) and tempo_correct(181, 60)
+    assert not tempo_correct(100, 120) and not tempo_correct(130, 120)
+
+
+def test_key_of_a_cadence_in_g_major():
+    G, B, D, C, E, A, Fs = 196.0, 246.9, 293.7, 261.6, 329.6, 220.0, 370.0
+    wav = chords([[G, B, D], [C, E, G * 2], [D, Fs, A * 2], [G, B, D]] * 2)
+    assert normalise_key(estimate_key(wav, SR)) == "G major"
+    assert normalise_key("B- major") == "Bb major" and normalise_key("c# Minor") == "C# minor"
+    assert normalise_key("D- major") == "C# major"
+
+
+def test_cycle_consistency_and_kl():
+    t = torch.nn.functional.normalize(torch.eye(4) + 0.1, dim=1)
+    res = cycle_consistency(t, t)
+    assert res["mcc"] == pytest.approx(1.0) and res["mcc_shuffled"] < 0.5
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-9)
+    assert kl_divergence(p, p[::-1]) > 0.5
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parts")
+    save_debug_tokenizers(d)
+    for kind in ("semantic", "coarse", "fine"):
+        cfg = load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", ["acoustic_rate=100"])
+        save_stage(build_stage(cfg), d / kind)
+    # two corpus-style prompts with references and metadata, and a train split for the classifier
+    rows = []
+    for i, (bpm, label) in enumerate([(120, "piano"), (90, "organ"), (100, "piano"), (80, "organ")]):
+        sf.write(d / f"{i}.wav", click_track(bpm, 2.0) + chords([[261.6 * (1 + i % 2), 329.6]], 2.0), SR)
+        rows.append({"audio": f"{i}.wav", "caption": f"{label} at {bpm} bpm", "tempo": bpm, "key": "C major",
+                     "instrument_label": label})
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def stage_flags(d):
+    return [x for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
+            for x in ("--stage", f"{n}={d / n}")]
+
+
+def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path):
+    proc = run_module("evaluation.generate_and_score", "--prompts", str(parts / "test.jsonl"), "--out",
+                      str(tmp_path / "gen"), "--duration", "1.0", "--fad", "features", "mulan", *stage_flags(parts))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gen/scores.json").read_text())
+    assert res["clips"] == 2 and len(list((tmp_path / "gen/clips").glob("*.wav"))) == 2
+    for key in ("fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "ref_tempo_acc",
+                "instrument_acc", "codec_mel_distance", "seconds_per_clip"):
+        assert key in res, key
+    assert -1 <= res["mcc"] <= 1 and res["kl"] >= 0 and res["fad_features"] >= 0
+    assert "| default |" in (tmp_path / "gen/scores.md").read_text()
+    assert (tmp_path / "gen/grid.png").stat().st_size > 1000
+    assert_clean_error(run_module("evaluation.generate_and_score", "--prompts", str(tmp_path / "none.txt"),
+                                  "--out", str(tmp_path / "x")), "not found")
+
+
+def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path):
+    (tmp_path / "a.yaml").write_text("name: cfg3\noptions: {guidance: 3.0}\n")
+    (tmp_path / "b.yaml").write_text("name: greedy-fine\noptions: {guidance: 1.0, fine: {temperature: 0.0}}\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("calm piano\nfast drums\n")
+    flags = [f"{n}: {parts / n}" for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")]
+    for f in ("a.yaml", "b.yaml"):
+        (tmp_path / f).write_text((tmp_path / f).read_text() + "stages: {" + ", ".join(flags) + "}\n")
+    proc = run_module("evaluation.ablate", "--variants", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml"),
+                      "--prompts", str(prompts), "--out", str(tmp_path / "abl"), "--duration", "1.0", "--fad", "features")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "abl/ablation.json").read_text())
+    assert set(res) == {"cfg3", "greedy-fine"} and all("mcc" in r for r in res.values())
+    assert "fad_features" not in res["cfg3"]   # text prompts have no references
+    table = (tmp_path / "abl/ablation.md").read_text()
+    assert "| cfg3 |" in table and "| greedy-fine |" in table
+    (tmp_path / "bad.yaml").write_text("name: x\nstagez: {}\n")
+    assert_clean_error(run_module("evaluation.ablate", "--variants", str(tmp_path / "bad.yaml"), "--prompts",
+                                  str(prompts), "--out", str(tmp_path / "abl2")), "unknown keys")
