@@ -165,6 +165,10 @@ def fit_kmeans(cfg: SemanticTokenizerConfig, model: nn.Module | None) -> Semanti
     return SemanticTokenizer(cfg, torch.from_numpy(km.cluster_centers_).float(), model)
 
 
+KMEANS_KEYS = ("backend", "pretrained_path", "layer", "codebook_size", "train_manifest", "kmeans_clips",
+               "kmeans_frames", "seed", "threads")
+
+
 def kmeans_command(cfg: SemanticTokenizerConfig, model_path: str | None, out: Path) -> None:
     """Fit and save a tokenizer for any backend (w2vbert needs --model: a run or a tokenizer)."""
     torch.set_num_threads(cfg.threads)
@@ -181,7 +185,9 @@ def kmeans_command(cfg: SemanticTokenizerConfig, model_path: str | None, out: Pa
             net = BestRQ(trained)
             net.load_state_dict(header.state_dict)
             model = net.model
-        for key in ("hidden_size", "layers", "heads", "ffn_size", "conv_kernel", "n_mels", "stack", "mel_hop"):
-            setattr(cfg, key, getattr(trained, key))
+        # the model and how it was trained come from its checkpoint; only the k-means settings from here
+        for key, value in vars(trained).items():
+            if key not in KMEANS_KEYS:
+                setattr(cfg, key, value)
     fit_kmeans(cfg, model).save(out)
     print(f"saved {out}")

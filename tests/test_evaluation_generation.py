@@ -1,5 +1,6 @@
 """Generation metrics on cases whose answer is known, and the two harnesses end to end."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -87,10 +88,16 @@ def stage_flags(d):
             for x in ("--stage", f"{n}={d / n}")]
 
 
-def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path):
-    proc = run_module("evaluation.generate_and_score", "--prompts", str(parts / "test.jsonl"), "--out",
-                      str(tmp_path / "gen"), "--duration", "1.0", "--fad", "features", "mulan", *stage_flags(parts))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def in_process(monkeypatch, main, *args):
+    """Run a command's main() here (no interpreter start-up, librosa's JIT compiled once)."""
+    monkeypatch.setattr(sys, "argv", ["prog", *map(str, args)])
+    main()
+
+
+def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path, monkeypatch):
+    from evaluation.generate_and_score import main
+    in_process(monkeypatch, main, "--prompts", parts / "test.jsonl", "--out", tmp_path / "gen", "--duration", "1.0",
+               "--fad", "features", "mulan", *stage_flags(parts))
     res = json.loads((tmp_path / "gen/scores.json").read_text())
     assert res["clips"] == 2 and len(list((tmp_path / "gen/clips").glob("*.wav"))) == 2
     for key in ("fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "ref_tempo_acc",
@@ -103,7 +110,8 @@ def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path):
                                   "--out", str(tmp_path / "x")), "not found")
 
 
-def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path):
+def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypatch):
+    from evaluation.ablate import main
     (tmp_path / "a.yaml").write_text("name: cfg3\noptions: {guidance: 3.0}\n")
     (tmp_path / "b.yaml").write_text("name: greedy-fine\noptions: {guidance: 1.0, fine: {temperature: 0.0}}\n")
     prompts = tmp_path / "p.txt"
@@ -111,9 +119,8 @@ def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path):
     flags = [f"{n}: {parts / n}" for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")]
     for f in ("a.yaml", "b.yaml"):
         (tmp_path / f).write_text((tmp_path / f).read_text() + "stages: {" + ", ".join(flags) + "}\n")
-    proc = run_module("evaluation.ablate", "--variants", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml"),
-                      "--prompts", str(prompts), "--out", str(tmp_path / "abl"), "--duration", "1.0", "--fad", "features")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    in_process(monkeypatch, main, "--variants", tmp_path / "a.yaml", tmp_path / "b.yaml", "--prompts", prompts,
+               "--out", tmp_path / "abl", "--duration", "1.0", "--fad", "features")
     res = json.loads((tmp_path / "abl/ablation.json").read_text())
     assert set(res) == {"cfg3", "greedy-fine"} and all("mcc" in r for r in res.values())
     assert "fad_features" not in res["cfg3"]   # text prompts have no references
