@@ -44,7 +44,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
     return torch.multinomial(logits.float().softmax(-1), 1, generator=generator)[:, 0]
 
 
-@torch.no_grad()
+@torch.inference_mode()   # like no_grad, minus the per-op autograd bookkeeping
 def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: torch.Tensor,
              s: Sampling = Sampling(), forced: torch.Tensor | None = None, null_prefix: torch.Tensor | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True, progress=None) -> torch.Tensor:
