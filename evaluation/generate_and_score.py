@@ -62,6 +62,7 @@ def generate_all(pipe, rows: list[dict], duration: float, options, out: Path) ->
     return waves, times
 
 
+@torch.no_grad()
 def score(pipe, rows, waves, times, duration: float, fad_backends: list[str], classifier=None) -> dict:
     from evaluation.adherence import adherence
     from evaluation.embeddings import embedder

@@ -135,3 +135,11 @@ def test_pipeline_benchmark_reports_times_and_memory(parts, tmp_path):
     assert res["wall_s@1s"] > 0 and res["wall_s@2s"] > 0 and res["peak_rss_mb"] > 100
     assert set(res["stages@2s"]) == {"mulan", "semantic", "coarse", "fine", "decode"}
     assert sf.read(tmp_path / "bench_2s.wav")[0].shape == (48000,)
+
+
+def test_shipped_models_fit_together_and_generate():
+    """The README's main command in miniature: the six models in pretrained/ load, fit and make audio."""
+    pipe = Pipeline.from_pretrained(ROOT / "pretrained")
+    wav = pipe.generate(["a calm solo piano piece in C major"], duration=1.0)
+    assert wav.shape == (1, 1, pipe.sample_rate) and pipe.sample_rate == 24000
+    assert torch.isfinite(wav).all() and 0.001 < float(wav.abs().max()) <= 1.0
