@@ -10,6 +10,7 @@ from common.config import load_config
 from common.errors import UserError
 from data.corpus import build_corpus
 from data.manifest import read_manifest
+from evaluation.metrics import cycle_consistency
 from tests.helpers import ROOT, assert_clean_error, run_module, sine
 
 
@@ -40,6 +41,8 @@ def test_training_logs_retrieval_and_matched_pairs_beat_shuffled(trained):
     matched = (a * t).sum(1).mean()
     shuffled = (a * t.roll(3, 0)).sum(1).mean()
     assert matched > shuffled
+    mcc = cycle_consistency(t, a)    # the evaluation's MuLan cycle consistency on the same pairs
+    assert mcc["mcc"] == pytest.approx(float(matched), abs=1e-5) and mcc["mcc"] > mcc["mcc_shuffled"]
     assert res["recall@10"] > 10 / len(rows)  # above chance on its own training clips
 
 
@@ -108,6 +111,10 @@ def test_clap_loads_from_a_local_folder_as_a_conditioner(tmp_path):
     assert t.shape == (1, 16) and a.shape == (1, 16)
     cond.rvq.fit(torch.randn(64, 16))
     assert cond.tokens(torch.cat([t, a])).shape == (2, 12)
+    # the same folder as the FAD embedding backend `clap:PATH`
+    from evaluation.embeddings import embedder
+    emb = embedder(f"clap:{tmp_path / 'clap'}")([sine(440, 1.0, 24000), sine(220, 1.0, 24000)], 24000)
+    assert emb.shape == (2, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
 
 
 def test_sentencepiece_keeps_unseen_characters():
