@@ -159,6 +159,7 @@ def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None)
                    state_dict=(ema or model).state_dict())
         print(f"saved {out / 'model'}", flush=True)
     if world > 1:
+        dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort (seen once in CI)
         dist.destroy_process_group()
     return out / "model"
 
