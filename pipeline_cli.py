@@ -27,6 +27,17 @@ def parse_story(items: list[str]) -> list[tuple[str, float]]:
     return story
 
 
+def part_paths(stage_items: list[str] = ()) -> dict[str, str]:
+    """The checkpoint of each part: configs/pipeline.yaml, with `--stage NAME=PATH` items applied."""
+    paths = dict(vars(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml")))
+    for item in stage_items:
+        name, _, path = item.partition("=")
+        if name not in PARTS or not path:
+            raise UserError(f"--stage {item!r}: use NAME=PATH with NAME one of {', '.join(PARTS)}")
+        paths[name] = path
+    return paths
+
+
 def out_paths(out: Path, n_texts: int, batch: int) -> list[Path]:
     if n_texts * batch == 1:
         return [out]
@@ -63,12 +74,7 @@ def main() -> None:
     out_dir = args.out.parent if str(args.out.parent) else Path(".")
     if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
         raise UserError(f"cannot write {args.out}: {out_dir} is not a writable folder")
-    paths = {k: v for k, v in vars(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml")).items()}
-    for item in args.stage:
-        name, _, path = item.partition("=")
-        if name not in PARTS or not path:
-            raise UserError(f"--stage {item!r}: use NAME=PATH with NAME one of {', '.join(PARTS)}")
-        paths[name] = path
+    paths = part_paths(args.stage)
     prompt = None
     if args.prompt_audio:
         try:

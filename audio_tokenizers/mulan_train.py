@@ -57,11 +57,15 @@ def retrieval(model: MuLan, rows: list[dict], texts: list[str] | None = None) ->
     a = torch.cat(audio)
     t = torch.cat([model.embed_text((texts or [r["caption"] for r in kept])[i:i + 64])
                    for i in range(0, len(kept), 64)])
-    rank = (t @ a.t()).argsort(1, descending=True)
-    hit = rank == torch.arange(len(kept))[:, None]
     model.train()
-    return {"n": len(kept), "recall@1": float(hit[:, :1].any(1).float().mean()),
-            "recall@10": float(hit[:, :10].any(1).float().mean())}
+    return {"n": len(kept), **recall(t, a)}
+
+
+def recall(t: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
+    """Text and audio embeddings [n, D], matched by row -> recall@1 and @10 of text-to-audio retrieval."""
+    rank = (t @ a.t()).argsort(1, descending=True)
+    hit = rank == torch.arange(len(a))[:, None]
+    return {"recall@1": float(hit[:, :1].any(1).float().mean()), "recall@10": float(hit[:, :10].any(1).float().mean())}
 
 
 def train(cfg: MuLanConfig, resume: bool = False) -> Path:

@@ -29,8 +29,8 @@ VARIANT_KEYS = {"name", "stages", "options"}
 
 
 def load_variant(path: Path) -> tuple[str, dict, object]:
-    from common.config import load_config
-    from pipeline import PARTS, ROOT, GenerationOptions, PipelineParts
+    from pipeline import PARTS, GenerationOptions
+    from pipeline_cli import part_paths
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -38,7 +38,7 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
     if not isinstance(spec, dict) or set(spec) - VARIANT_KEYS:
         raise UserError(f"variant {path}: unknown keys {sorted(set(spec) - VARIANT_KEYS) if isinstance(spec, dict) else spec}; "
                         f"use {sorted(VARIANT_KEYS)}")
-    paths = dict(vars(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml")))
+    paths = part_paths()
     for name, p in (spec.get("stages") or {}).items():
         if name not in PARTS:
             raise UserError(f"variant {path}: unknown stage {name!r}; use one of {', '.join(PARTS)}")

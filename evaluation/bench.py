@@ -118,17 +118,11 @@ def main() -> None:
     if args.what == "stages":
         print(json.dumps(bench_stages(args.repeats, args.gen_tokens), indent=2))
         return
-    from common.errors import UserError, run_cli
-    from pipeline import PARTS, PipelineParts
+    from common.errors import run_cli
+    from pipeline_cli import part_paths
 
     def run() -> None:
-        paths = {k: getattr(PipelineParts(), k) for k in PARTS}
-        for item in args.stage:
-            name, _, path = item.partition("=")
-            if name not in PARTS:
-                raise UserError(f"--stage {item!r}: NAME must be one of {', '.join(PARTS)}")
-            paths[name] = path
-        print(json.dumps(bench_pipeline(paths, args.durations, args.out, args.repeats), indent=2))
+        print(json.dumps(bench_pipeline(part_paths(args.stage), args.durations, args.out, args.repeats), indent=2))
     run_cli(run)
 
 

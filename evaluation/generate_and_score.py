@@ -149,8 +149,8 @@ def run_variant(name: str, paths: dict, options, rows, args, classifier, out: Pa
 
 
 def main() -> None:
-    from common.config import load_config
-    from pipeline import PARTS, ROOT, GenerationOptions, PipelineParts
+    from pipeline import GenerationOptions
+    from pipeline_cli import part_paths
     ap = argparse.ArgumentParser(prog="python -m evaluation.generate_and_score", description=__doc__.split("\n\n")[0])
     add_common_args(ap)
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
@@ -158,12 +158,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=3.0)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    paths = dict(vars(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml")))
-    for item in args.stage:
-        name, _, path = item.partition("=")
-        if name not in PARTS or not path:
-            raise UserError(f"--stage {item!r}: use NAME=PATH with NAME one of {', '.join(PARTS)}")
-        paths[name] = path
+    paths = part_paths(args.stage)
     rows = load_prompts(args.prompts, args.limit)
     classifier = instrument_classifier_for(args, rows, 24000)
     res = run_variant("default", paths, GenerationOptions(seed=args.seed, guidance=args.guidance), rows, args,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from audio_tokenizers.mulan_train import recall
 from common.errors import UserError, run_cli
 from data.manifest import SkipCounter, iter_audio, read_manifest
 
@@ -44,13 +45,6 @@ def rephrase(row: dict, i: int) -> str:
               "players_cap": players[:1].upper() + players[1:], "key": row["key"], "tempo": row["tempo"],
               "meter": row["meter"], "mood": MOODS.get(row.get("mode"), "calm")}
     return HELD_OUT_TEMPLATES[i % len(HELD_OUT_TEMPLATES)].format(**fields)
-
-
-def recall(t: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
-    """t, a [n, D] matched by row -> recall@1 and @10 of text-to-audio retrieval."""
-    rank = (t @ a.t()).argsort(1, descending=True)
-    hit = rank == torch.arange(len(a))[:, None]
-    return {"recall@1": float(hit[:, :1].any(1).float().mean()), "recall@10": float(hit[:, :10].any(1).float().mean())}
 
 
 def first_level_agreement(tok_text: torch.Tensor, tok_audio: torch.Tensor, k: int) -> dict[str, float]:

@@ -61,7 +61,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     guided = null_prefix is not None and s.guidance != 1.0
     seq = torch.cat([prefix, null_prefix]) if guided else prefix
     all_levels = torch.cat([prefix_levels, levels])
-    known = forced >= 0 if forced is not None else torch.zeros(B, N, dtype=torch.bool)
+    forced = forced if forced is not None else torch.full((B, N), -1, dtype=torch.long)
+    known = forced >= 0
     everywhere = known.all(0).tolist()   # positions copied in every row need no logits
     cache = model.new_cache() if use_cache else None
     h = model.hidden(seq, prefix_levels, 0, cache)[:, -1]
@@ -74,8 +75,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
             logits = model.logits(h, int(levels[i]))
             if guided:
                 logits = cfg_mix(logits[:B], logits[B:], s.guidance)
-            out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s, generator)) if forced is not None \
-                else sample(logits, s, generator)
+            out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s, generator))
         j = i + 1
         while j < N and everywhere[j]:   # copy the forced run that follows and feed it with token i
             out[:, j] = forced[:, j]

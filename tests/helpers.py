@@ -49,3 +49,14 @@ def save_debug_tokenizers(d: Path, semantic_name: str = "semantic_tokenizer") ->
     mulan = MuLan(mcfg, train_sentencepiece(["a calm piano piece", "fast drums", "slow strings"] * 10, 400))
     mulan.rvq.fit(torch.randn(64, mcfg.embed_dim))
     save_checkpoint(d / "mulan", "mulan", config_to_dict(mcfg), mulan.state_dict())
+
+
+def save_debug_parts(d: Path) -> Path:
+    """All six debug parts (tokenizers + untrained stages), saved as checkpoints in `d` that fit together."""
+    from common.config import load_config
+    from stages.base import StageConfig, build_stage, save_stage
+    save_debug_tokenizers(d)
+    for kind in ("semantic", "coarse", "fine"):
+        cfg = load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", ["acoustic_rate=100"])
+        save_stage(build_stage(cfg), d / kind)
+    return d

@@ -7,11 +7,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from common.config import load_config
 from evaluation.adherence import estimate_key, estimate_tempo, normalise_key, tempo_correct
 from evaluation.metrics import cycle_consistency, frechet_distance, kl_divergence
-from stages.base import StageConfig, build_stage, save_stage
-from tests.helpers import ROOT, assert_clean_error, run_module, save_debug_tokenizers
+from tests.helpers import assert_clean_error, run_module, save_debug_parts
 
 SR = 24000
 
@@ -67,11 +65,7 @@ def test_cycle_consistency_and_kl():
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("parts")
-    save_debug_tokenizers(d)
-    for kind in ("semantic", "coarse", "fine"):
-        cfg = load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", ["acoustic_rate=100"])
-        save_stage(build_stage(cfg), d / kind)
+    d = save_debug_parts(tmp_path_factory.mktemp("parts"))
     # two corpus-style prompts with references and metadata, and a train split for the classifier
     rows = []
     for i, (bpm, label) in enumerate([(120, "piano"), (90, "organ"), (100, "piano"), (80, "organ")]):

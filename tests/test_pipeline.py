@@ -9,18 +9,13 @@ from common.config import load_config
 from common.errors import run_cli
 from pipeline import Pipeline, load_parts
 from stages.base import StageConfig, build_stage, save_stage
-from tests.helpers import ROOT, save_debug_tokenizers, sine
+from tests.helpers import ROOT, save_debug_parts, sine
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Debug versions of all six parts, saved as checkpoints that fit together."""
-    d = tmp_path_factory.mktemp("parts")
-    save_debug_tokenizers(d)
-    for kind in ("semantic", "coarse", "fine"):
-        cfg = load_config(StageConfig, ROOT / f"configs/debug/{kind}.yaml", ["acoustic_rate=100"])
-        save_stage(build_stage(cfg), d / kind)
-    return d
+    return save_debug_parts(tmp_path_factory.mktemp("parts"))
 
 
 def stage_args(d, **swap):
