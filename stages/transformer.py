@@ -32,20 +32,21 @@ class ModelShape:
 def _rotary_table(half: int, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = 1.0 / (10000 ** (torch.arange(half, device=device, dtype=torch.float32) / half))
     angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs[None]
-    return angles.cos(), angles.sin()
+    return angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], 1)
 
 
 def rotary_angles(pos: torch.Tensor, half: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, half] of the angles pos * theta_i, looked up once per forward for all blocks."""
+    """cos, sin [L, 2 * half] for `rotary`, looked up once per forward for all blocks.
+    sin carries the sign of the rotation: [-sin(pos * theta_i), +sin(pos * theta_i)]."""
     length = 4096 * (1 + int(pos[-1]) // 4096)  # tables grow in steps, so they are built once
     return tuple(t[pos].to(dtype) for t in _rotary_table(half, length, str(pos.device)))
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x [B, H, L, Dh] by the given angles (RoPE)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+    """Rotate pairs of channels (i, i + half) of x [..., L, Dh] by the angles pos * theta_i (RoPE):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as x * cos + swap_halves(x) * signed sin
+    so that it is four ops (per-op overhead dominates generation at batch 1)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def append_kv(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +77,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], cache: dict | None) -> torch.Tensor:
         B, L, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, *angles), rotary(k, *angles)
+        qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        (q, k), v = rotary(qkv[:2], *angles), qkv[2]
         if cache is not None:  # append this call's keys/values to the ones already seen
             k, v = append_kv(cache, k, v)
         # one new token may attend to everything cached; longer chunks need the causal mask
