@@ -101,8 +101,13 @@ def load_parts(paths: dict[str, str]) -> dict:
 
 
 class Pipeline:
-    def __init__(self, parts: dict):
+    def __init__(self, parts: dict, int8: bool = False):
+        """`int8`: the stages generate with int8 block weights (stages/quantize.py), faster on CPU."""
         self.parts = parts
+        if int8:
+            from stages.quantize import quantize_int8
+            for name in ("semantic", "coarse", "fine"):
+                quantize_int8(parts[name].model)
         self.mulan, self.codec = parts["mulan"], parts["acoustic"]
         self.sample_rate = self.codec.sample_rate
         self.ratio = int(round(self.codec.frame_rate / parts["semantic_tokenizer"].frame_rate))

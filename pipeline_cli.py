@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--prompt-audio", type=Path, default=None)
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
+    ap.add_argument("--int8", action="store_true", help="stages generate with int8 weights (faster on CPU)")
     for stage in ("semantic", "coarse", "fine"):
         for knob, tp in (("temperature", float), ("top-k", int), ("top-p", float)):
             ap.add_argument(f"--{stage}-{knob}", type=tp, default=None)
@@ -83,7 +84,7 @@ def main() -> None:
             raise UserError(f"--prompt-audio {e}") from None
 
     t0 = time.perf_counter()
-    pipe = Pipeline(load_parts(paths))
+    pipe = Pipeline(load_parts(paths), int8=args.int8)
     load_s = time.perf_counter() - t0
     if prompt is not None and pipe.sample_rate != 24000:
         prompt = torch.from_numpy(load_audio(args.prompt_audio, pipe.sample_rate))[None, None]

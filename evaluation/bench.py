@@ -1,13 +1,14 @@
 """Benchmarks. Run on an otherwise idle machine; quote medians.
 
     python -m evaluation.bench stages [--repeats 5]
-    python -m evaluation.bench pipeline [--stage NAME=PATH ...] [--durations 10 60]
+    python -m evaluation.bench pipeline [--stage NAME=PATH ...] [--durations 10 60] [--int8]
 
 `stages` uses config B1: dim 256, depth 6, 4 heads, semantic vocabulary 512, codebook 1024,
 3 coarse levels, 12 MuLan tokens, a 5 s clip (125 semantic + 250 x 3 coarse tokens). It prints
 training tokens/s (forward + backward + AdamW, batch 4, coarse layout), and coarse generation
 tokens/s at batch 1 without guidance, with the KV cache and without it (recomputing the whole
-sequence each step), plus whether both produce the same tokens.
+sequence each step), plus whether both produce the same tokens; then the KV-cache generation
+again with int8 block weights (stages/quantize.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 import torch
 
 from stages.base import StageConfig, build_stage
+from stages.quantize import quantize_int8
 from stages.sampling import Sampling
 
 B1 = dict(kind="coarse", dim=256, depth=6, heads=4, semantic_codebook=512, acoustic_codebook=1024,
@@ -65,6 +67,9 @@ def bench_stages(repeats: int, gen_tokens: int) -> dict:
             results.append(stage.generate(batch["mulan"][:1], batch["semantic"][:1], frames, Sampling(top_k=50),
                                           generator=torch.Generator().manual_seed(1), use_cache=use_cache))
         runs[use_cache] = (timed(gen, max(1, repeats // 2 if not use_cache else repeats)), results[-1])
+    quantize_int8(model)
+    int8_times = timed(lambda: stage.generate(batch["mulan"][:1], batch["semantic"][:1], frames, Sampling(top_k=50),
+                                              generator=torch.Generator().manual_seed(1)), repeats)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     return {"config": "B1", "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "sequence_tokens": tokens.shape[1], "threads": torch.get_num_threads(),
@@ -73,19 +78,21 @@ def bench_stages(repeats: int, gen_tokens: int) -> dict:
             "gen_kv_tokens_per_s": round(frames * 3 / med(runs[True][0]), 1),
             "gen_no_cache_tokens_per_s": round(frames * 3 / med(runs[False][0]), 1),
             "kv_speedup": round(med(runs[False][0]) / med(runs[True][0]), 2),
-            "kv_equals_no_cache": bool(torch.equal(runs[True][1], runs[False][1]))}
+            "kv_equals_no_cache": bool(torch.equal(runs[True][1], runs[False][1])),
+            "gen_kv_int8_tokens_per_s": round(frames * 3 / med(int8_times), 1)}
 
 
-def bench_pipeline(paths: dict[str, str], durations: list[float], out_dir: str, repeats: int = 3) -> dict:
+def bench_pipeline(paths: dict[str, str], durations: list[float], out_dir: str, repeats: int = 3,
+                   int8: bool = False) -> dict:
     """Median wall time from loaded models to a written WAV over `repeats` runs (after one short
-    warm-up run), per duration, and peak RSS of the process."""
+    warm-up run), per duration, and peak RSS of the process; `int8`: stages generate with int8 weights."""
     import resource
     from pathlib import Path
 
     from data.audio import write_wav
     from pipeline import GenerationOptions, Pipeline, load_parts
-    pipe = Pipeline(load_parts(paths))
-    res = {"repeats": repeats}
+    pipe = Pipeline(load_parts(paths), int8=int8)
+    res = {"repeats": repeats, "int8": int8}
     pipe.generate(["warm-up"], 2.0)
     for seconds in durations:
         times = []
@@ -111,6 +118,7 @@ def main() -> None:
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH", help="pipeline: swap a part")
     ap.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--int8", action="store_true", help="pipeline: the stages generate with int8 weights")
     ap.add_argument("--out", default="/tmp")
     args = ap.parse_args()
     if args.threads:
@@ -122,7 +130,8 @@ def main() -> None:
     from pipeline_cli import part_paths
 
     def run() -> None:
-        print(json.dumps(bench_pipeline(part_paths(args.stage), args.durations, args.out, args.repeats), indent=2))
+        print(json.dumps(bench_pipeline(part_paths(args.stage), args.durations, args.out, args.repeats,
+                                        args.int8), indent=2))
     run_cli(run)
 
 

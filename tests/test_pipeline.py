@@ -132,6 +132,18 @@ def test_pipeline_benchmark_reports_times_and_memory(parts, tmp_path):
     assert sf.read(tmp_path / "bench_2s.wav")[0].shape == (48000,)
 
 
+def test_int8_flag_quantizes_the_three_stages(parts, tmp_path, monkeypatch, capsys):
+    from stages.quantize import Int8Linear
+    pipe = Pipeline(load_parts({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic",
+                                                             "semantic", "coarse", "fine")}), int8=True)
+    for name in ("semantic", "coarse", "fine"):
+        assert any(isinstance(m, Int8Linear) for m in pipe.parts[name].model.modules()), name
+    code, out, err = cli(monkeypatch, capsys, "--text", "calm piano", "--duration", "1", "--int8",
+                         "--out", tmp_path / "q.wav", *stage_args(parts))
+    assert code == 0, err
+    assert sf.read(tmp_path / "q.wav")[0].shape == (24000,)
+
+
 def test_shipped_models_fit_together_and_generate():
     """The README's main command in miniature: the six models in pretrained/ load, fit and make audio."""
     pipe = Pipeline.from_pretrained(ROOT / "pretrained")
