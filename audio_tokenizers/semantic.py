@@ -57,6 +57,9 @@ class SemanticTokenizerConfig:
     rq_dim: int = 16
     mask_prob: float = 0.1             # probability that a masked span starts at a frame
     mask_span: int = 5                 # frames (200 ms); ~40% of frames end up masked
+    # denoising masked prediction (WavLM): this fraction of training clips gets white noise at
+    # 10-40 dB SNR and a gain change of up to 6 dB, while the targets stay those of the clean clip
+    augment_prob: float = 0.0
     # training
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"

@@ -60,12 +60,24 @@ class BestRQ(nn.Module):
             return (feats @ self.codebook.t() - 0.5 * (self.codebook ** 2).sum(1)).argmax(-1)
         return (F.normalize(feats @ self.projection, dim=-1) @ self.codebook.t()).argmax(-1)
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (cross-entropy on masked frames, accuracy on masked frames)."""
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor,
+                clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cross-entropy on masked frames, accuracy on masked frames).
+        Targets come from `clean` frames where given (denoising), else from `feats`."""
         hidden = self.model(feats, mask_time_indices=mask).last_hidden_state
         logits = self.head(hidden[mask])
-        target = self.targets(feats)[mask]
+        target = self.targets(feats if clean is None else clean)[mask]
         return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+
+
+def augment(wav: torch.Tensor, prob: float) -> torch.Tensor:
+    """[B, N] -> [B, N]: a `prob` fraction of rows get a gain change of +-6 dB and white noise at 10-40 dB SNR."""
+    B = len(wav)
+    gain = 10 ** ((torch.rand(B, 1) * 12 - 6) / 20)
+    snr_db = torch.rand(B, 1) * 30 + 10
+    rms = wav.pow(2).mean(-1, keepdim=True).sqrt()
+    noisy = gain * (wav + torch.randn_like(wav) * rms * 10 ** (-snr_db / 20))
+    return torch.where(torch.rand(B, 1) < prob, noisy, wav)
 
 
 def span_mask(B: int, T: int, cfg: SemanticTokenizerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -121,7 +133,11 @@ def train(cfg: SemanticTokenizerConfig, resume: bool = False) -> Path:
         data.epoch = step
         wav = torch.stack([data[int(i)] for i in np.random.randint(0, len(data), cfg.batch_size)])[:, 0]
         feats = log_mel_frames(wav, cfg)
-        loss, acc = net(feats, span_mask(*feats.shape[:2], cfg))
+        mask = span_mask(*feats.shape[:2], cfg)
+        if cfg.augment_prob > 0:
+            loss, acc = net(log_mel_frames(augment(wav, cfg.augment_prob), cfg), mask, clean=feats)
+        else:
+            loss, acc = net(feats, mask)
         optimizer_step(net, opt, loss, warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps), cfg.grad_clip)
         step += 1
         bar.update(1)

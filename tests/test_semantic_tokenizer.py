@@ -5,7 +5,7 @@ import soundfile as sf
 import torch
 
 from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig, build_conformer, load_semantic
-from audio_tokenizers.semantic_train import BestRQ, fit_kmeans, span_mask
+from audio_tokenizers.semantic_train import BestRQ, augment, fit_kmeans, span_mask
 from common.config import load_config
 from common.errors import AudioError, CheckpointError
 from tests.helpers import ROOT, assert_clean_error, run_module, sine
@@ -80,6 +80,31 @@ def test_span_mask_covers_about_40_percent():
     starts, ends = (runs == 1).nonzero().flatten(), (runs == -1).nonzero().flatten()
     if len(starts) and len(ends) and ends[0] > starts[0]:
         assert int(ends[0] - starts[0]) >= 5
+
+
+def test_denoising_augmentation_and_clean_targets():
+    from audio_tokenizers.semantic import log_mel_frames
+    torch.manual_seed(0)
+    wav = torch.from_numpy(sine(440, 1.0, 24000)).repeat(64, 1)
+    assert torch.equal(augment(wav, 0.0), wav)
+    out = augment(wav, 0.5)
+    changed = (out != wav).any(1)
+    assert 16 < int(changed.sum()) < 48
+    # gain g in [-6, 6] dB and noise at 10-40 dB SNR: the residual after removing the scaled tone
+    for row in out[changed]:
+        g = float(row @ wav[0] / (wav[0] @ wav[0]))
+        snr = 10 * torch.log10(wav[0].pow(2).mean() * g * g / (row - g * wav[0]).pow(2).mean())
+        assert 10 ** (-6.2 / 20) < g < 10 ** (6.2 / 20) and 9 < float(snr) < 41
+    # the targets of a denoising step are those of the clean input
+    cfg = debug_cfg(ssl_targets="bestrq")
+    net = BestRQ(cfg).eval()   # no dropout: two forwards agree
+    clean, noisy = log_mel_frames(wav[:2], cfg), log_mel_frames(augment(wav[:2], 1.0), cfg)
+    mask = span_mask(*clean.shape[:2], cfg, torch.Generator().manual_seed(1))
+    loss_clean_targets, _ = net(noisy, mask, clean=clean)
+    hidden = net.model(noisy, mask_time_indices=mask).last_hidden_state
+    expect = torch.nn.functional.cross_entropy(net.head(hidden[mask]), net.targets(clean)[mask])
+    assert torch.allclose(loss_clean_targets, expect)
+    assert not torch.equal(net.targets(clean)[mask], net.targets(noisy)[mask])
 
 
 @pytest.mark.parametrize("targets", ["bestrq", "kmeans"])
