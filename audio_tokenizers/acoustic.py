@@ -244,7 +244,7 @@ def load_acoustic(path: str | Path | None = None):
 def main() -> None:
     import argparse
 
-    from common.config import load_config
+    from common.config import load_config, parse_args_with_overrides
     from common.errors import UserError
     from data.audio import load_audio, write_wav
 
@@ -259,7 +259,7 @@ def main() -> None:
     rt.add_argument("output")
     rt.add_argument("--checkpoint", default=None)
     rt.add_argument("--levels", type=int, default=None, help="decode with the first Q levels")
-    args = ap.parse_args()
+    args = parse_args_with_overrides(ap)
     if args.command == "train":
         from audio_tokenizers.acoustic_train import train
         train(load_config(AcousticConfig, args.config, args.overrides), resume=args.resume)

@@ -154,7 +154,7 @@ def main() -> None:
     import argparse
 
     from audio_tokenizers.mulan import load_conditioner
-    from common.config import load_config
+    from common.config import load_config, parse_args_with_overrides
     ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.mulan")
     sub = ap.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="contrastive training, then the conditioning-token RVQ")
@@ -165,7 +165,7 @@ def main() -> None:
     sc.add_argument("--audio", nargs="+", required=True)
     sc.add_argument("--text", nargs="+", required=True)
     sc.add_argument("--checkpoint", default=None)
-    args = ap.parse_args()
+    args = parse_args_with_overrides(ap)
     if args.command == "train":
         train(load_config(MuLanConfig, args.config, args.overrides), resume=args.resume)
         return

@@ -197,7 +197,7 @@ def load_semantic(path: str | Path | None = None) -> SemanticTokenizer:
 def main() -> None:
     import argparse
 
-    from common.config import load_config
+    from common.config import load_config, parse_args_with_overrides
     from data.audio import load_audio
 
     ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.semantic", description=__doc__.split("\n")[0])
@@ -213,7 +213,7 @@ def main() -> None:
     en = sub.add_parser("encode", help="print the token ids of audio files")
     en.add_argument("files", nargs="+")
     en.add_argument("--checkpoint", default=None)
-    args = ap.parse_args()
+    args = parse_args_with_overrides(ap)
     if args.command in ("train", "kmeans"):
         from audio_tokenizers import semantic_train
         cfg = load_config(SemanticTokenizerConfig, args.config, args.overrides)

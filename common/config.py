@@ -152,3 +152,17 @@ def config_class(path: str | Path) -> type:
     if name not in CONFIG_CLASSES:
         raise ConfigError(f"no config class is registered for {path}; known: {', '.join(sorted(CONFIG_MODULES))}")
     return CONFIG_CLASSES[name]
+
+
+def parse_args_with_overrides(ap):
+    """ap.parse_args(), but key=value overrides may come on either side of options
+    (`... lr=1e-3 --resume steps=900`): argparse alone gives them one place. Returns the namespace
+    with every key=value in `overrides`; anything else unknown is an argparse error (exit 2)."""
+    args, rest = ap.parse_known_args()
+    takes = hasattr(args, "overrides")   # (a subcommand without overrides takes none)
+    unknown = [r for r in rest if not takes or r.startswith("-") or "=" not in r]
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if takes:
+        args.overrides = list(args.overrides or []) + rest
+    return args

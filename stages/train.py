@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.config import config_to_dict, format_config, load_config
+from common.config import config_to_dict, format_config, load_config, parse_args_with_overrides
 from common.errors import UserError, run_cli
 from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
 from data.tokenize import TokenCache
@@ -172,7 +172,7 @@ def main(kind: str) -> None:
         ap.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="save and stop at this step (continue later with --resume)")
         ap.add_argument("overrides", nargs="*", help="key=value")
-        args = ap.parse_args()
+        args = parse_args_with_overrides(ap)
         cfg = load_config(StageConfig, args.config, args.overrides)
         if cfg.kind != kind:
             raise UserError(f"{args.config} is a '{cfg.kind}' config; use python -m stages.{cfg.kind}")

@@ -82,3 +82,20 @@ def test_every_config_class_has_a_yaml_and_debug_yaml(root):
     for name in CONFIG_MODULES:
         assert (root / "configs" / f"{name}.yaml").is_file(), name
         assert (root / "configs" / "debug" / f"{name}.yaml").is_file(), name
+
+
+def test_overrides_on_both_sides_of_an_option(monkeypatch, capsys):
+    import argparse
+    import sys
+
+    from common.config import parse_args_with_overrides
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    monkeypatch.setattr(sys, "argv", ["x", "lr=0.1", "--resume", "steps=900"])
+    args = parse_args_with_overrides(ap)
+    assert args.resume and args.overrides == ["lr=0.1", "steps=900"]
+    monkeypatch.setattr(sys, "argv", ["x", "lr=0.1", "--resume", "--nope", "stray"])
+    with pytest.raises(SystemExit) as e:
+        parse_args_with_overrides(ap)
+    assert e.value.code == 2 and "--nope stray" in capsys.readouterr().err
