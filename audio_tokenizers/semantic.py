@@ -77,6 +77,7 @@ class SemanticTokenizerConfig:
     eval_clips: int = 32
     kmeans_clips: int = 1500
     kmeans_frames: int = 150000
+    kmeans_standardize: bool = False   # z-score each feature dim (training-frame statistics) before k-means
     seed: int = 0
     threads: int = 2
 
@@ -138,8 +139,11 @@ class SemanticTokenizer:
 
     kind = "semantic_tokenizer"
 
-    def __init__(self, cfg: SemanticTokenizerConfig, centroids: torch.Tensor, model: nn.Module | None = None):
+    def __init__(self, cfg: SemanticTokenizerConfig, centroids: torch.Tensor, model: nn.Module | None = None,
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        """`mean`, `std` [D]: the standardization k-means was fitted in (kmeans_standardize), else None."""
         self.cfg, self.centroids = cfg, centroids.float()
+        self.mean, self.std = mean, std
         self.model = model.eval() if model is not None else None
         self.sample_rate, self.hop = cfg.sample_rate, cfg.hop
         self.frame_rate = cfg.sample_rate / cfg.hop
@@ -168,11 +172,15 @@ class SemanticTokenizer:
     def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
         """[B, 1, N] -> ids [B, ceil(N / hop)] in [0, codebook_size)."""
         feats = self.features(wav, sample_rate)
+        if self.mean is not None:
+            feats = (feats - self.mean) / self.std
         B, T, D = feats.shape
         return torch.cdist(feats.reshape(B * T, D), self.centroids).argmin(1).reshape(B, T)
 
     def save(self, path: str | Path) -> None:
         state = {"centroids": self.centroids}
+        if self.mean is not None:
+            state.update(feature_mean=self.mean, feature_std=self.std)
         if self.cfg.backend == "w2vbert":
             state.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         save_checkpoint(path, self.kind, config_to_dict(self.cfg), state)
@@ -189,7 +197,9 @@ def load_semantic(path: str | Path | None = None) -> SemanticTokenizer:
     if cfg.backend == "w2vbert":
         model = build_conformer(cfg)
         model.load_state_dict({k[6:]: v.float() for k, v in ck.state_dict.items() if k.startswith("model.")})
-    return SemanticTokenizer(cfg, ck.state_dict["centroids"], model)
+    mean, std = ck.state_dict.get("feature_mean"), ck.state_dict.get("feature_std")
+    return SemanticTokenizer(cfg, ck.state_dict["centroids"], model,
+                             mean.float() if mean is not None else None, std.float() if std is not None else None)
 
 
 # ---------------------------------------------------------------- command line

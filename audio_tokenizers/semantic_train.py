@@ -175,14 +175,19 @@ def fit_kmeans(cfg: SemanticTokenizerConfig, model: nn.Module | None) -> Semanti
     x = x[rng.permutation(len(x))[: cfg.kmeans_frames]]
     if len(x) < cfg.codebook_size:
         raise UserError(f"only {len(x)} frames for k={cfg.codebook_size}; use more clips or a smaller k")
+    mean = std = None
+    if cfg.kmeans_standardize:   # otherwise the few dims with the largest spread decide the clusters
+        mean, std = x.mean(0), x.std(0) + 1e-5
+        x = (x - mean) / std
+        mean, std = torch.from_numpy(mean).float(), torch.from_numpy(std).float()
     km = MiniBatchKMeans(cfg.codebook_size, batch_size=4096, n_init=1, max_iter=50, random_state=cfg.seed,
                          reassignment_ratio=0.01).fit(x)
     print(f"k-means on {len(x)} frames of {x.shape[1]} dims; {skips.summary()}", flush=True)
-    return SemanticTokenizer(cfg, torch.from_numpy(km.cluster_centers_).float(), model)
+    return SemanticTokenizer(cfg, torch.from_numpy(km.cluster_centers_).float(), model, mean, std)
 
 
 KMEANS_KEYS = ("backend", "pretrained_path", "layer", "codebook_size", "train_manifest", "kmeans_clips",
-               "kmeans_frames", "seed", "threads")
+               "kmeans_frames", "kmeans_standardize", "seed", "threads")
 
 
 def kmeans_command(cfg: SemanticTokenizerConfig, model_path: str | None, out: Path) -> None:

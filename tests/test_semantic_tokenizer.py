@@ -58,6 +58,21 @@ def test_backends_encode_at_25_hz_and_round_trip_through_a_checkpoint(backend, m
     assert torch.equal(again.encode(wav), tok.encode(wav))
 
 
+def test_standardized_kmeans_assigns_in_z_space_and_round_trips(manifest, tmp_path):
+    torch.manual_seed(0)
+    cfg = debug_cfg(train_manifest=str(manifest), kmeans_standardize=True)
+    tok = fit_kmeans(cfg, build_conformer(cfg))
+    assert tok.mean.shape == tok.std.shape == (cfg.hidden_size,) and float(tok.std.min()) > 0
+    wav = torch.from_numpy(sine(330, 1.0, 24000) + sine(500, 1.0, 24000, 0.1))[None, None]
+    z = (tok.features(wav) - tok.mean) / tok.std
+    assert torch.equal(tok.encode(wav)[0], torch.cdist(z[0], tok.centroids).argmin(1))
+    tok.save(tmp_path / "tok")
+    again = load_semantic(tmp_path / "tok")
+    assert torch.equal(again.mean, tok.mean) and torch.equal(again.encode(wav), tok.encode(wav))
+    tokenizer("logmel", manifest, tmp_path).save(tmp_path / "plain")   # no standardization: nothing stored
+    assert load_semantic(tmp_path / "plain").mean is None
+
+
 def test_bad_input(manifest, tmp_path):
     tok = tokenizer("w2vbert", manifest, tmp_path)
     assert tok.encode(torch.zeros(1, 1, 10)).shape == (1, 1)                 # shorter than a frame
