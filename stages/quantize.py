@@ -2,8 +2,8 @@
 
 Generating one token reads every weight of the model once and does little arithmetic with it,
 so on CPU it is bound by memory traffic: B1's 19 MB of fp32 weights per token. Storing the
-block matrices as int8 with one scale per output row (bf16 activations, fp32 accumulation
-in torch's `_weight_int8pack_mm`) reads a quarter of the bytes; on this project's 2-core
+block matrices as int8 with one scale per output row (torch's `_weight_int8pack_mm`, with
+bf16 activations and scales) reads a quarter of the bytes; on this project's 2-core
 machine a cold 256x1024 matvec takes ~28 us instead of ~92 us (evaluation/bench.py measures
 the whole model). Longer chunks (the prompt, teacher-forced loss) keep the float weights,
 where the int8 kernel is the slower one, unless `max_rows=None`.
@@ -31,9 +31,9 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, max_rows: int | None = 8):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp_min(1e-12) / 127
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        scale = (w.abs().amax(1).clamp_min(1e-12) / 127).to(torch.bfloat16)  # the scale the kernel will use
+        self.register_buffer("qweight", (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
         self.linear, self.max_rows = linear, max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
