@@ -143,7 +143,7 @@ class SemanticTokenizer:
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         """`mean`, `std` [D]: the standardization k-means was fitted in (kmeans_standardize), else None."""
         self.cfg, self.centroids = cfg, centroids.float()
-        self.mean, self.std = mean, std
+        self.mean, self.std = (None, None) if mean is None else (mean.float(), std.float())
         self.model = model.eval() if model is not None else None
         self.sample_rate, self.hop = cfg.sample_rate, cfg.hop
         self.frame_rate = cfg.sample_rate / cfg.hop
@@ -197,9 +197,8 @@ def load_semantic(path: str | Path | None = None) -> SemanticTokenizer:
     if cfg.backend == "w2vbert":
         model = build_conformer(cfg)
         model.load_state_dict({k[6:]: v.float() for k, v in ck.state_dict.items() if k.startswith("model.")})
-    mean, std = ck.state_dict.get("feature_mean"), ck.state_dict.get("feature_std")
     return SemanticTokenizer(cfg, ck.state_dict["centroids"], model,
-                             mean.float() if mean is not None else None, std.float() if std is not None else None)
+                             ck.state_dict.get("feature_mean"), ck.state_dict.get("feature_std"))
 
 
 # ---------------------------------------------------------------- command line

@@ -179,7 +179,7 @@ def fit_kmeans(cfg: SemanticTokenizerConfig, model: nn.Module | None) -> Semanti
     if cfg.kmeans_standardize:   # otherwise the few dims with the largest spread decide the clusters
         mean, std = x.mean(0), x.std(0) + 1e-5
         x = (x - mean) / std
-        mean, std = torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+        mean, std = torch.from_numpy(mean), torch.from_numpy(std)
     km = MiniBatchKMeans(cfg.codebook_size, batch_size=4096, n_init=1, max_iter=50, random_state=cfg.seed,
                          reassignment_ratio=0.01).fit(x)
     print(f"k-means on {len(x)} frames of {x.shape[1]} dims; {skips.summary()}", flush=True)
