@@ -68,6 +68,11 @@ def check_fit(parts: dict) -> None:
     checks += [("coarse", "fine", "number of coarse levels", coarse.coarse_levels, fine.coarse_levels),
                ("fine", "acoustic", "number of levels (coarse + fine)", fine.coarse_levels + fine.fine_levels,
                 codec.num_quantizers)]
+    for name, st in (("semantic", sem), ("coarse", coarse)):
+        if st.semantic_tokens and st.semantic_tokens != sem_tok.fingerprint:
+            raise UserError(f"the {name} stage was trained on the ids of semantic tokenizer {st.semantic_tokens}, "
+                            f"not of this one ({sem_tok.fingerprint}); use the semantic_tokenizer it was trained "
+                            f"with, or a {name} checkpoint trained on this tokenizer's tokens")
     for a, b, what, x, y in checks:
         if abs(float(x) - float(y)) > 1e-6:
             raise UserError(f"the {a} stage and the {b} part disagree on {what}: {x} vs {y}; "

@@ -15,6 +15,7 @@ Commands: `python -m audio_tokenizers.semantic train|kmeans|encode ...`.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,9 @@ class SemanticTokenizer:
         self.sample_rate, self.hop = cfg.sample_rate, cfg.hop
         self.frame_rate = cfg.sample_rate / cfg.hop
         self.codebook_size = len(centroids)
+        # names the token vocabulary: two fits never share centroids, so stages trained on one
+        # tokenizer's ids can refuse another's (fp16, as stored, so a fresh fit and its reload agree)
+        self.fingerprint = hashlib.sha256(self.centroids.half().numpy().tobytes()).hexdigest()[:16]
         if cfg.backend == "pretrained" and self.model is None:
             self.model = PretrainedFeatures(cfg.pretrained_path, cfg)
 

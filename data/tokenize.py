@@ -65,7 +65,8 @@ class TokenCache:
 def describe(acoustic, semantic, mulan) -> dict:
     return {"acoustic": {"levels": acoustic.num_quantizers, "codebook": acoustic.codebook_size,
                          "frame_rate": acoustic.frame_rate, "sample_rate": acoustic.sample_rate},
-            "semantic": {"codebook": semantic.codebook_size, "frame_rate": semantic.frame_rate},
+            "semantic": {"codebook": semantic.codebook_size, "frame_rate": semantic.frame_rate,
+                         "fingerprint": semantic.fingerprint},
             "mulan": {"levels": mulan.num_tokens, "codebook": mulan.codebook_size}}
 
 

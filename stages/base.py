@@ -37,6 +37,7 @@ class StageConfig:
     semantic_rate: float = 25.0
     acoustic_rate: float = 50.0
     window_seconds: float = 10.0      # training window; the fine stage uses ~3 s
+    semantic_tokens: str = ""         # fingerprint of the semantic tokenizer whose ids trained it ("" = unchecked)
     # the transformer
     dim: int = 256
     depth: int = 6

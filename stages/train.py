@@ -35,6 +35,9 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
               ("acoustic codebook", cfg.acoustic_codebook, ix["acoustic"]["codebook"]),
               ("acoustic frame rate", cfg.acoustic_rate, ix["acoustic"]["frame_rate"])]
     wrong = [f"{name} {a} (config) vs {b} (cache)" for name, a, b in expect if abs(float(a) - float(b)) > 1e-6]
+    made_by = ix["semantic"].get("fingerprint", "")   # caches from before fingerprints have none
+    if cfg.semantic_tokens and made_by and cfg.semantic_tokens != made_by:
+        wrong.append(f"semantic tokenizer {cfg.semantic_tokens} (config) vs {made_by} (cache)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
@@ -91,6 +94,7 @@ def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None)
         print(format_config(cfg), flush=True)
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
+    cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")
     if cfg.batch_size % world:
         raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
     torch.manual_seed(cfg.seed)

@@ -20,7 +20,7 @@ def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), 
     splits = ["valid" if i % 6 == 0 else "train" for i in range(clips)]
     index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": {"acoustic": "a", "semantic": "s", "mulan": "m"},
              "acoustic": {"levels": acoustic[0], "codebook": acoustic[1], "frame_rate": 50.0, "sample_rate": 24000},
-             "semantic": {"codebook": semantic_k, "frame_rate": 25.0}, "mulan": {"levels": mulan[0], "codebook": mulan[1]},
+             "semantic": {"codebook": semantic_k, "frame_rate": 25.0, "fingerprint": "5e3a"}, "mulan": {"levels": mulan[0], "codebook": mulan[1]},
              "clips": [{"audio": f"{i}.wav", "caption": "", "split": s} for i, s in enumerate(splits)]}
     (root / "index.json").write_text(json.dumps(index))
     return root

@@ -82,6 +82,15 @@ def test_parts_that_do_not_fit_are_named(parts, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o.wav").exists()
 
 
+def test_stage_trained_on_another_semantic_tokenizer_is_refused(parts, tmp_path, monkeypatch, capsys):
+    cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["semantic_tokens=0123456789abcdef"])
+    save_stage(build_stage(cfg), tmp_path / "semantic_other")
+    code, _, err = cli(monkeypatch, capsys, "--text", "x", "--out", tmp_path / "o.wav",
+                       *stage_args(parts, semantic=tmp_path / "semantic_other"))
+    assert code == 2 and "the semantic stage was trained on the ids of semantic tokenizer 0123456789abcdef" in err
+    assert not (tmp_path / "o.wav").exists()
+
+
 @pytest.mark.parametrize("case", ["empty", "zero", "long", "stage_name", "missing", "truncated", "wrong_kind",
                                   "bad_prompt", "silent_prompt", "unwritable", "story"])
 def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypatch, capsys):

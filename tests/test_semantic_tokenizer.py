@@ -56,6 +56,7 @@ def test_backends_encode_at_25_hz_and_round_trip_through_a_checkpoint(backend, m
     tok.save(tmp_path / "tok")
     again = load_semantic(tmp_path / "tok")
     assert torch.equal(again.encode(wav), tok.encode(wav))
+    assert again.fingerprint == tok.fingerprint and len(tok.fingerprint) == 16
 
 
 def test_standardized_kmeans_assigns_in_z_space_and_round_trips(manifest, tmp_path):
@@ -71,6 +72,7 @@ def test_standardized_kmeans_assigns_in_z_space_and_round_trips(manifest, tmp_pa
     assert torch.equal(again.mean, tok.mean) and torch.equal(again.encode(wav), tok.encode(wav))
     tokenizer("logmel", manifest, tmp_path).save(tmp_path / "plain")   # no standardization: nothing stored
     assert load_semantic(tmp_path / "plain").mean is None
+    assert load_semantic(tmp_path / "plain").fingerprint != tok.fingerprint   # another fit, another vocabulary
 
 
 def test_bad_input(manifest, tmp_path):

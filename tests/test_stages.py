@@ -142,6 +142,7 @@ def test_resume_continues_exactly(tmp_path, cache):
         assert torch.equal(straight[k], resumed[k]), k
     stage = load_stage(tmp_path / "b" / "model")
     assert stage.kind == "coarse" and stage.meta["steps"] == 12
+    assert stage.cfg.semantic_tokens == "5e3a"   # the cache's semantic tokenizer, recorded for the pipeline
     log = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert any("valid" in r and "acc/coarse0" in r["valid"] for r in log)
 
@@ -168,3 +169,5 @@ def test_cache_that_does_not_fit_is_refused(tmp_path, cache):
         check_cache(cfg_for("semantic", tmp_path, semantic_codebook=1024), cache)
     with pytest.raises(UserError, match="coarse_levels \\+ fine_levels = 6"):
         check_cache(cfg_for("fine", tmp_path, fine_levels=4), cache)
+    with pytest.raises(UserError, match="semantic tokenizer 0bad \\(config\\) vs 5e3a \\(cache\\)"):
+        check_cache(cfg_for("coarse", tmp_path, semantic_tokens="0bad"), cache)

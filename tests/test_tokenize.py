@@ -5,6 +5,7 @@ import soundfile as sf
 import torch
 
 from audio_tokenizers.acoustic import AcousticConfig, build_codec
+from audio_tokenizers.semantic import load_semantic
 from common.checkpoint import save_checkpoint
 from common.config import config_to_dict, load_config
 from common.errors import UserError
@@ -37,6 +38,7 @@ def test_cache_arrays_index_and_append(parts, tmp_path):
     assert n == 4 and cache.arrays["acoustic"].shape == (4, 4, 100)  # debug codec: 100 Hz, 4 levels
     assert cache.arrays["semantic"].shape == (4, 25) and cache.arrays["mulan"].shape == (4, 3)
     assert cache.index["acoustic"]["codebook"] == 32 and cache.index["mulan"]["levels"] == 3
+    assert cache.index["semantic"]["fingerprint"] == load_semantic(parts / "semantic").fingerprint
     assert list(cache.rows("valid")) == [3] and len(cache.rows("train")) == 3
     assert int(cache.arrays["acoustic"].max()) < 32 and int(cache.arrays["mulan"].max()) < 8
     tokenize([parts / "with_bad.jsonl"], tmp_path / "cache", paths(parts), seconds=1.0)  # same tokenizers: appends
