@@ -150,7 +150,8 @@ class SemanticTokenizer:
         self.frame_rate = cfg.sample_rate / cfg.hop
         self.codebook_size = len(centroids)
         # names the token vocabulary: two fits never share centroids, so stages trained on one
-        # tokenizer's ids can refuse another's (fp16, as stored, so a fresh fit and its reload agree)
+        # tokenizer's ids can refuse another's (fp16, as stored, so a fresh fit and its reload agree).
+        # Not data.tokenize.checkpoint_hash: that hashes the folder's files, so editing a CARD.md changes it.
         self.fingerprint = hashlib.sha256(self.centroids.half().numpy().tobytes()).hexdigest()[:16]
         if cfg.backend == "pretrained" and self.model is None:
             self.model = PretrainedFeatures(cfg.pretrained_path, cfg)
