@@ -8,7 +8,8 @@ General MIDI program within their range, a tempo fit for the style, a transposit
 window. It is rendered through FluidSynth (24 kHz mono), loudness-normalised, and rejected
 and re-planned if the window is near-empty. Writes DIR/audio/*.wav, DIR/metadata.jsonl
 (every field) and DIR/{train,valid,test}.jsonl; the split is a hash of the work id, so no
-work spans two splits, in this corpus or any other seed's.
+work spans two splits, in this corpus or any other seed's. `--splits valid,test` renders only
+held-out works: more clips to evaluate on, none of whose works any model trained on saw.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ TUNE_TEMPO = {"reel": (96, 118), "hornpipe": (80, 110), "jig": (100, 124), "slip
               "strathspey": (60, 80), "highland fling": (70, 90), "clog dance": (80, 110), "air": (54, 80)}
 
 
+SPLITS = ("train", "valid", "test")
+
+
 def split_of(work_id: str) -> str:
     h = int(hashlib.sha1(work_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "train" if h < 0.9 else ("valid" if h < 0.95 else "test")
@@ -64,9 +68,11 @@ def quarters_per_beat(meter: str) -> float:
 
 # ---------------------------------------------------------------- planning
 
-def plan_groove(rng: np.random.Generator, seconds: float) -> tuple[list[dict], dict]:
+def plan_groove(rng: np.random.Generator, seconds: float,
+                splits: tuple[str, ...] = SPLITS) -> tuple[list[dict], dict]:
     genre = GENRES[cap.pick(rng, sorted(GENRES))]
     variant = int(rng.integers(VARIANTS_PER_GENRE))
+    _check_split(f"groove/{genre.name}/{variant}", splits)
     mode = cap.pick(rng, genre.modes)
     tonic_pc = int(rng.integers(12))
     tempo = int(rng.integers(genre.tempo[0], genre.tempo[1] + 1))
@@ -89,9 +95,11 @@ def plan_groove(rng: np.random.Generator, seconds: float) -> tuple[list[dict], d
     return tracks, meta
 
 
-def plan_score(source: str, rng: np.random.Generator, seconds: float) -> tuple[list[dict], dict]:
+def plan_score(source: str, rng: np.random.Generator, seconds: float,
+               splits: tuple[str, ...] = SPLITS) -> tuple[list[dict], dict]:
     works = build_index()[source]
     work = works[int(rng.integers(len(works)))]
+    _check_split(work.work_id, splits)
     info = dict(work.meta)
     parsed = parse_work(work)
     if not parsed.parts or parsed.length <= 0:
@@ -152,6 +160,15 @@ def article_name(program: int, rng: np.random.Generator) -> str:
     return cap.article(cap.instrument_name(program, rng))
 
 
+class _OtherSplit(Exception):
+    """The drawn work belongs to a split not asked for (checked before the costly parse)."""
+
+
+def _check_split(work_id: str, splits: tuple[str, ...]) -> None:
+    if split_of(work_id) not in splits:
+        raise _OtherSplit(work_id)
+
+
 class _Retry(Exception):
     """This plan did not give a usable clip; draw another."""
 
@@ -167,15 +184,28 @@ def _init_worker() -> None:
     build_index()
 
 
-def render_clip(args: tuple[int, int, float, str]) -> dict:
-    """Plan, render, check and write clip `i`; returns its metadata row."""
-    seed, i, seconds, out_dir = args
-    rng = np.random.default_rng([seed, i])
+def plan_clip(rng: np.random.Generator, seconds: float, splits: tuple[str, ...]) -> tuple[list[dict], dict]:
+    """Draw a source and plan a window of one of its works, redrawing until the work's split is in
+    `splits` (with all three splits the first draw is kept, so the default corpus is unchanged)."""
     sources, weights = zip(*SOURCE_WEIGHTS.items())
-    for attempt in range(20):
+    for _ in range(2000):
         source = sources[int(rng.choice(len(sources), p=np.array(weights) / sum(weights)))]
         try:
-            tracks, meta = plan_groove(rng, seconds) if source == "groove" else plan_score(source, rng, seconds)
+            if source == "groove":
+                return plan_groove(rng, seconds, splits)
+            return plan_score(source, rng, seconds, splits)
+        except _OtherSplit:
+            continue
+    raise RuntimeError(f"no work of split {splits} in 2000 draws")
+
+
+def render_clip(args: tuple[int, int, float, str, tuple[str, ...]]) -> dict:
+    """Plan, render, check and write clip `i`; returns its metadata row."""
+    seed, i, seconds, out_dir, splits = args
+    rng = np.random.default_rng([seed, i])
+    for attempt in range(20):
+        try:
+            tracks, meta = plan_clip(rng, seconds, splits)
             wav = add_reverb(_RENDERER.render(tracks, seconds), SAMPLE_RATE, rng)
             wav = _normalise(wav)
         except _Retry:
@@ -210,10 +240,10 @@ def _normalise(wav: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the command
 
-def build_corpus(out: Path, clips: int, seed: int, workers: int,
-                 seconds: float = 10.0) -> tuple[list[dict], list[float]]:
+def build_corpus(out: Path, clips: int, seed: int, workers: int, seconds: float = 10.0,
+                 splits: tuple[str, ...] = SPLITS) -> tuple[list[dict], list[float]]:
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, i, seconds, str(out)) for i in range(clips)]
+    jobs = [(seed, i, seconds, str(out), tuple(splits)) for i in range(clips)]
     if workers <= 1:
         _init_worker()
         rows = [render_clip(j) for j in _progress(jobs, clips)]
@@ -227,7 +257,7 @@ def build_corpus(out: Path, clips: int, seed: int, workers: int,
     # by a few LSB (its dither), and metadata must be byte-identical for a given seed.
     levels = [r.pop("rms_dbfs") for r in rows]
     write_jsonl(out / "metadata.jsonl", rows)
-    for split in ("train", "valid", "test"):
+    for split in splits:
         write_jsonl(out / f"{split}.jsonl", [r for r in rows if r["split"] == split])
     return rows, levels
 
@@ -244,11 +274,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--splits", default=",".join(SPLITS),
+                    help="render only works of these splits, e.g. valid,test for a larger held-out set")
     args = ap.parse_args()
     if args.clips <= 0 or args.seconds <= 0:
         raise UserError("--clips and --seconds must be positive")
+    splits = tuple(dict.fromkeys(x.strip() for x in args.splits.split(",") if x.strip()))
+    if not splits or set(splits) - set(SPLITS):
+        raise UserError(f"--splits {args.splits!r}: give a comma-separated subset of {','.join(SPLITS)}")
     t0 = time.time()
-    rows, levels = build_corpus(args.out, args.clips, args.seed, args.workers, args.seconds)
+    rows, levels = build_corpus(args.out, args.clips, args.seed, args.workers, args.seconds, splits)
     dt = time.time() - t0
     caps = [r["caption"] for r in rows]
     splits = Counter(r["split"] for r in rows)

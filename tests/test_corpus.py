@@ -57,6 +57,15 @@ def test_split_is_by_work_so_no_work_spans_two_splits(small_corpus):
     assert 0.85 < len(by_split["train"]) / total < 0.95 and len(by_split["test"]) > 100
 
 
+def test_held_out_only_corpus_draws_works_of_the_asked_splits(tmp_path):
+    rows, _ = build_corpus(tmp_path, clips=6, seed=3, workers=1, seconds=3.0, splits=("valid", "test"))
+    assert {r["split"] for r in rows} <= {"valid", "test"}
+    assert all(split_of(r["work_id"]) == r["split"] for r in rows)
+    assert not (tmp_path / "train.jsonl").exists()
+    n = sum(len((tmp_path / f"{s}.jsonl").read_text().splitlines()) for s in ("valid", "test"))
+    assert n == 6
+
+
 def test_captions_vary_in_phrasing():
     rng = np.random.default_rng(0)
     meta = {"style": "Irish reel", "players": "solo fiddle", "tempo": 110, "key": "D major",
@@ -93,6 +102,8 @@ def test_near_empty_windows_are_rejected():
 
 def test_cli_errors(tmp_path):
     assert_clean_error(run_module("data.corpus", "--out", str(tmp_path), "--clips", "0"), "--clips")
+    assert_clean_error(run_module("data.corpus", "--out", str(tmp_path), "--clips", "2", "--splits", "test,holdout"),
+                       "--splits", "train,valid,test")
     import os
     env_sf = os.environ.get("MUSICLM_SOUNDFONT")
     os.environ["MUSICLM_SOUNDFONT"] = str(tmp_path / "missing.sf2")

@@ -56,3 +56,11 @@ def test_semantic_evaluation_on_the_logmel_baseline(corpus):
     assert 0.2 < res["unchanged_noise_30db"] <= 1.0
     assert 0 < res["codebook_usage"] <= 1.0
     assert np.allclose(bags(torch.tensor([[0, 0, 1, 3]]), 4), [[0.5, 0.25, 0, 0.25]])
+    # other held-out manifests replace CORPUS/test.jsonl, in order, up to test_clips
+    lines = (corpus / "test.jsonl").read_text().splitlines()
+    (corpus / "more").mkdir(exist_ok=True)
+    (corpus / "more/a.jsonl").write_text("\n".join(l.replace('"audio/', '"../audio/') for l in lines[:3]) + "\n")
+    (corpus / "more/b.jsonl").write_text("\n".join(l.replace('"audio/', '"../audio/') for l in lines[3:7]) + "\n")
+    more = evaluate_tokenizer(tok, corpus, train_clips=12, test_clips=5,
+                              test_manifests=[corpus / "more/a.jsonl", corpus / "more/b.jsonl"])
+    assert more["test_clips"] == 5 and more["probe_source"] == 1.0
