@@ -51,9 +51,12 @@ class SemanticTokenizerConfig:
     ffn_size: int = 1024
     conv_kernel: int = 15
     # masked-prediction self-supervision: targets of each input frame come from a frozen quantizer,
-    # "bestrq" (random projection + random codebook) or "kmeans" (k-means on the input frames,
-    # HuBERT's first iteration); rq_codebook_size is the number of targets either way
+    # "bestrq" (random projection + random codebook), "kmeans" (k-means on the input frames,
+    # HuBERT's first iteration) or "tokenizer" (the ids of the semantic tokenizer at target_tokenizer,
+    # HuBERT's second iteration); rq_codebook_size is the number of targets in every case
     ssl_targets: str = "bestrq"
+    target_tokenizer: str = ""         # for ssl_targets=tokenizer
+    init_from_target: bool = False     # start from target_tokenizer's conformer (same size) instead of random
     rq_codebook_size: int = 1024
     rq_dim: int = 16
     mask_prob: float = 0.1             # probability that a masked span starts at a frame
@@ -164,23 +167,34 @@ class SemanticTokenizer:
             return log_mel_frames(x, self.cfg)
         if self.cfg.backend == "pretrained":
             return self.model(x)
+        return self.features_of_frames(log_mel_frames(x, self.cfg))
+
+    @torch.no_grad()
+    def features_of_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Log-mel frames [B, T_s, n_mels * stack] -> [B, T_s, D] (backends w2vbert and logmel)."""
+        if self.cfg.backend == "logmel":
+            return frames
         # the layers above the clustered one cannot change it: skip them (a third of the cost at layer 4 of 6)
         layers = self.model.encoder.layers
         self.model.encoder.layers = layers[: self.cfg.layer]
         try:
-            hidden = self.model(log_mel_frames(x, self.cfg), output_hidden_states=True).hidden_states
+            hidden = self.model(frames, output_hidden_states=True).hidden_states
         finally:
             self.model.encoder.layers = layers
         return hidden[self.cfg.layer]
 
     @torch.no_grad()
-    def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
-        """[B, 1, N] -> ids [B, ceil(N / hop)] in [0, codebook_size)."""
-        feats = self.features(wav, sample_rate)
+    def assign(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] features -> ids [B, T] of the nearest centroids."""
         if self.mean is not None:
             feats = (feats - self.mean) / self.std
         B, T, D = feats.shape
         return torch.cdist(feats.reshape(B * T, D), self.centroids).argmin(1).reshape(B, T)
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """[B, 1, N] -> ids [B, ceil(N / hop)] in [0, codebook_size)."""
+        return self.assign(self.features(wav, sample_rate))
 
     def save(self, path: str | Path) -> None:
         state = {"centroids": self.centroids}

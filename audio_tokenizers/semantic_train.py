@@ -4,6 +4,8 @@ BEST-RQ (Chiu et al. 2022): a frozen random projection and a frozen random codeb
 every input frame a target id (nearest codeword by cosine); spans of input frames are
 replaced by a learned mask embedding and the model predicts the targets of the masked
 frames. No labels, no negatives, no second network; targets never drift.
+The same loop trains on k-means ids of the input frames (HuBERT's first iteration) or on the
+ids of an earlier semantic tokenizer (HuBERT's second: targets from a model's own layer).
 """
 from __future__ import annotations
 
@@ -32,10 +34,20 @@ class BestRQ(nn.Module):
 
     def __init__(self, cfg: SemanticTokenizerConfig):
         super().__init__()
-        if cfg.ssl_targets not in ("bestrq", "kmeans"):
-            raise UserError(f"ssl_targets must be bestrq or kmeans, got {cfg.ssl_targets!r}")
+        if cfg.ssl_targets not in ("bestrq", "kmeans", "tokenizer"):
+            raise UserError(f"ssl_targets must be bestrq, kmeans or tokenizer, got {cfg.ssl_targets!r}")
         self.cfg = cfg
         self.model = build_conformer(cfg)
+        # a plain attribute, not a submodule: the teacher is frozen and not saved with the student
+        self.teacher = target_tokenizer(cfg) if cfg.ssl_targets == "tokenizer" else None
+        if cfg.init_from_target:
+            if self.teacher is None or self.teacher.model is None:
+                raise UserError("init_from_target=true needs ssl_targets=tokenizer and a w2vbert target_tokenizer")
+            try:
+                self.model.load_state_dict(self.teacher.model.state_dict())
+            except RuntimeError:
+                raise UserError(f"init_from_target: {cfg.target_tokenizer}'s conformer has another size; "
+                                "copy its hidden_size/layers/heads/ffn_size or set init_from_target=false") from None
         self.head = nn.Linear(cfg.hidden_size, cfg.rq_codebook_size)
         g = torch.Generator().manual_seed(1234)
         dim = cfg.n_mels * cfg.stack
@@ -56,6 +68,8 @@ class BestRQ(nn.Module):
 
     def targets(self, feats: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T] target ids: nearest random codeword by cosine (BEST-RQ) or nearest centroid."""
+        if self.teacher is not None:
+            return self.teacher.assign(self.teacher.features_of_frames(feats))
         if self.cfg.ssl_targets == "kmeans":
             return (feats @ self.codebook.t() - 0.5 * (self.codebook ** 2).sum(1)).argmax(-1)
         return (F.normalize(feats @ self.projection, dim=-1) @ self.codebook.t()).argmax(-1)
@@ -68,6 +82,26 @@ class BestRQ(nn.Module):
         logits = self.head(hidden[mask])
         target = self.targets(feats if clean is None else clean)[mask]
         return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+
+
+def target_tokenizer(cfg: SemanticTokenizerConfig) -> SemanticTokenizer:
+    """The semantic tokenizer whose ids are the targets; it must read the same log-mel frames."""
+    if not cfg.target_tokenizer:
+        raise UserError("ssl_targets=tokenizer needs target_tokenizer=PATH (a semantic tokenizer checkpoint)")
+    teacher = load_semantic(cfg.target_tokenizer)
+    if teacher.cfg.backend not in ("w2vbert", "logmel"):
+        raise UserError(f"target_tokenizer {cfg.target_tokenizer} has backend {teacher.cfg.backend}; "
+                        "targets need a w2vbert or logmel tokenizer (one that reads log-mel frames)")
+    keys = ("sample_rate", "n_mels", "mel_hop", "stack")
+    differ = [f"{k} {getattr(teacher.cfg, k)} vs {getattr(cfg, k)}" for k in keys
+              if getattr(teacher.cfg, k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"target_tokenizer {cfg.target_tokenizer} reads other frames ({', '.join(differ)}); "
+                        "set these to the target's values")
+    if teacher.codebook_size != cfg.rq_codebook_size:
+        raise UserError(f"target_tokenizer has k={teacher.codebook_size}; set rq_codebook_size="
+                        f"{teacher.codebook_size}")
+    return teacher
 
 
 def augment(wav: torch.Tensor, prob: float) -> torch.Tensor:

@@ -149,6 +149,29 @@ def test_masked_prediction_learns_its_targets(targets, manifest):
     assert float(loss) < 0.3 * first and float(acc) > 0.9
 
 
+def test_second_iteration_targets_are_an_earlier_tokenizers_ids(manifest, tmp_path):
+    from audio_tokenizers.semantic import log_mel_frames
+    from common.errors import UserError
+    teacher = tokenizer("w2vbert", manifest, tmp_path)
+    teacher.save(tmp_path / "teacher")
+    cfg = debug_cfg(ssl_targets="tokenizer", target_tokenizer=tmp_path / "teacher", rq_codebook_size=16,
+                    init_from_target="true")
+    net = BestRQ(cfg)
+    wav = torch.stack([torch.from_numpy(sine(f, 1.0, 24000) + sine(2.5 * f, 1.0, 24000, 0.3))
+                       for f in (220, 440, 660)])
+    assert torch.equal(net.targets(log_mel_frames(wav, cfg)), teacher.encode(wav[:, None]))
+    assert all(torch.equal(a, b) for a, b in zip(net.model.state_dict().values(),
+                                                 teacher.model.state_dict().values()))
+    assert not any(k.startswith("teacher") for k in net.state_dict())   # the teacher is not saved
+    for kw, message in ((dict(target_tokenizer=""), "target_tokenizer=PATH"),
+                        (dict(rq_codebook_size=32), "rq_codebook_size=16"),
+                        (dict(mel_hop=120), "mel_hop 240 vs 120"),
+                        (dict(hidden_size=64, init_from_target="true"), "another size")):
+        base = dict(ssl_targets="tokenizer", target_tokenizer=tmp_path / "teacher", rq_codebook_size=16)
+        with pytest.raises(UserError, match=message):
+            BestRQ(debug_cfg(**{**base, **kw}))
+
+
 def test_train_resume_and_encode_cli(manifest, tmp_path):
     args = ["audio_tokenizers.semantic", "train", "--config", "configs/debug/semantic_tokenizer.yaml",
             f"train_manifest={manifest}", f"valid_manifest={manifest}", f"out={tmp_path / 'run'}"]
