@@ -12,6 +12,9 @@ For each tokenizer checkpoint, on corpus clips:
 - stability: the fraction of tokens unchanged under a 3 dB gain change and under white noise
   at 30 dB SNR (test split);
 - codebook usage: the fraction of the k clusters used on the test split.
+With several checkpoints, each is also compared with the last one (the baseline) on the same
+clips: the paired difference of probe accuracy and a 95% bootstrap interval that resamples
+works, not clips (clips of one work share labels and music, so they are not independent).
 """
 from __future__ import annotations
 
@@ -43,17 +46,32 @@ def bags(ids: torch.Tensor, k: int) -> np.ndarray:
     return np.stack([np.bincount(r.numpy(), minlength=k) / len(r) for r in ids])
 
 
-def probe(train_x, train_y, test_x, test_y) -> float:
+def probe(train_x, train_y, test_x, test_y) -> np.ndarray:
+    """-> [n_test] bool, whether the probe names each test clip's label."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
     clf.fit(train_x, train_y)
-    return float(np.mean(clf.predict(test_x) == np.array(test_y)))
+    return clf.predict(test_x) == np.array(test_y)
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, groups: list[str], n: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b (per-clip 0/1 correctness) and its 95% bootstrap interval over groups (works)."""
+    diff = a.astype(float) - b.astype(float)
+    names, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    means = [diff[np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])].mean()
+             for _ in range(n)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)
 
 
 def evaluate_tokenizer(tok, corpus: Path, train_clips: int, test_clips: int, seed: int = 0,
-                       test_manifests: list[Path] | None = None) -> dict:
+                       test_manifests: list[Path] | None = None, details: dict | None = None) -> dict:
+    """The numbers of one tokenizer; `details`, if given, receives per-clip probe correctness and work ids."""
     train_rows = read_manifest(corpus / "train.jsonl")[:train_clips]
     test_rows = [r for m in test_manifests or [corpus / "test.jsonl"] for r in read_manifest(m)][:test_clips]
     if not train_rows or not test_rows:
@@ -63,8 +81,13 @@ def evaluate_tokenizer(tok, corpus: Path, train_clips: int, test_clips: int, see
     te_rows, te_ids, te_wav = encode_rows(tok, test_rows)
     out = {"k": k, "train_clips": len(tr_rows), "test_clips": len(te_rows)}
     for label in ("instrument_label", "source"):
-        out[f"probe_{label}"] = round(probe(bags(tr_ids, k), [r[label] for r in tr_rows],
-                                            bags(te_ids, k), [r[label] for r in te_rows]), 4)
+        correct = probe(bags(tr_ids, k), [r[label] for r in tr_rows], bags(te_ids, k), [r[label] for r in te_rows])
+        out[f"probe_{label}"] = round(float(correct.mean()), 4)
+        if details is not None:
+            details[label] = correct
+    if details is not None:
+        details["works"] = [r.get("work_id", r["audio"]) for r in te_rows]
+        details["clips"] = [r["audio"] for r in te_rows]
     quieter = te_wav * 10 ** (-3 / 20)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(te_wav.shape, generator=g)
@@ -87,18 +110,26 @@ def main() -> None:
                     help="held-out clips to score on (default: CORPUS/test.jsonl)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    results = {}
+    results, details = {}, {}
     for ck in args.checkpoints:
         tok = load_semantic(ck)
+        details[ck] = {}
         results[ck] = {"backend": tok.cfg.backend, "layer": tok.cfg.layer,
                        **evaluate_tokenizer(tok, args.corpus, args.train_clips, args.test_clips,
-                                           test_manifests=args.test_manifest)}
+                                           test_manifests=args.test_manifest, details=details[ck])}
         print(json.dumps({ck: results[ck]}), flush=True)
+    base = details[args.checkpoints[-1]]
+    for ck in args.checkpoints[:-1]:
+        if details[ck]["clips"] != base["clips"]:   # a file one backend could not read: no pairing
+            continue
+        for label in ("instrument_label", "source"):
+            d, lo, hi = paired_interval(details[ck][label], base[label], base["works"])
+            results[ck][f"{label}_vs_last"] = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     keys = [k for k in next(iter(results.values())) if k not in ("train_clips", "test_clips")]
     lines = ["| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {ck} | " + " | ".join(str(r[k]) for k in keys) + " |" for ck, r in results.items()]
+    lines += [f"| {ck} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for ck, r in results.items()]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

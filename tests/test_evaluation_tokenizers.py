@@ -11,8 +11,8 @@ from audio_tokenizers.semantic_train import fit_kmeans
 from common.config import load_config
 from data.corpus import build_corpus
 from evaluation.codec import evaluate_codec, mfcc_features
-from evaluation.semantic import bags, evaluate_tokenizer
-from tests.helpers import ROOT
+from evaluation.semantic import bags, evaluate_tokenizer, paired_interval
+from tests.helpers import ROOT, run_module
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,33 @@ def test_semantic_evaluation_on_the_logmel_baseline(corpus):
     (corpus / "more").mkdir(exist_ok=True)
     (corpus / "more/a.jsonl").write_text("\n".join(l.replace('"audio/', '"../audio/') for l in lines[:3]) + "\n")
     (corpus / "more/b.jsonl").write_text("\n".join(l.replace('"audio/', '"../audio/') for l in lines[3:7]) + "\n")
+    details = {}
     more = evaluate_tokenizer(tok, corpus, train_clips=12, test_clips=5,
-                              test_manifests=[corpus / "more/a.jsonl", corpus / "more/b.jsonl"])
+                              test_manifests=[corpus / "more/a.jsonl", corpus / "more/b.jsonl"], details=details)
     assert more["test_clips"] == 5 and more["probe_source"] == 1.0
+    assert details["source"].tolist() == [True] * 5 and len(details["works"]) == 5
+
+
+def test_semantic_evaluation_command_pairs_each_checkpoint_with_the_last(corpus, tmp_path):
+    cfg = load_config(SemanticTokenizerConfig, ROOT / "configs/debug/semantic_tokenizer.yaml",
+                      ["backend=logmel", f"train_manifest={corpus / 'train.jsonl'}", "kmeans_clips=12"])
+    tok = fit_kmeans(cfg, None)
+    tok.save(tmp_path / "a")
+    tok.save(tmp_path / "b")   # the same tokenizer twice: a zero difference on the same clips
+    proc = run_module("evaluation.semantic", "--corpus", str(corpus), "--checkpoints", str(tmp_path / "a"),
+                      str(tmp_path / "b"), "--train-clips", "12", "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = list(json.loads((tmp_path / "ev/results.json").read_text()).values())
+    assert res[0]["source_vs_last"] == "+0.0000 [+0.0000, +0.0000]" and "source_vs_last" not in res[1]
+    assert "source_vs_last" in (tmp_path / "ev/results.md").read_text()
+
+
+def test_paired_interval_resamples_works_not_clips():
+    a, b = np.array([1, 1, 1, 1, 0, 0]), np.zeros(6, int)
+    assert paired_interval(a, a, list("abcdef")) == (0.0, 0.0, 0.0)
+    # two works: the bootstrap draws (w1, w1), (w2, w2) or one of each, so the interval spans 0 to 1
+    d, lo, hi = paired_interval(a, b, ["w1"] * 4 + ["w2"] * 2)
+    assert abs(d - 4 / 6) < 1e-9 and lo == 0.0 and hi == 1.0
+    # the same clips as six independent works: a narrower interval
+    _, lo6, hi6 = paired_interval(a, b, list("abcdef"))
+    assert 0.0 < lo6 and hi6 == 1.0
