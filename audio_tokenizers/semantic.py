@@ -163,8 +163,6 @@ class SemanticTokenizer:
     def features(self, wav: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
         """[B, 1, N] -> [B, T_s, D], the vectors that k-means clusters."""
         x = prepare(wav, sample_rate, self.sample_rate)
-        if self.cfg.backend == "logmel":
-            return log_mel_frames(x, self.cfg)
         if self.cfg.backend == "pretrained":
             return self.model(x)
         return self.features_of_frames(log_mel_frames(x, self.cfg))
