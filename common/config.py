@@ -140,13 +140,17 @@ def register_config(name: str):
 
 CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "semantic_tokenizer": "audio_tokenizers.semantic",
                   "mulan": "audio_tokenizers.mulan",
-                  "semantic": "stages.base", "coarse": "stages.base", "fine": "stages.base", "pipeline": "pipeline"}
+                  "semantic": "stages.base", "coarse": "stages.base", "fine": "stages.base", "delay": "stages.base",
+                  "pipeline": "pipeline"}
 
 
 def config_class(path: str | Path) -> type:
-    """The dataclass a YAML file in configs/ maps to, from its file name."""
+    """The dataclass a YAML file in configs/ maps to, from its file name: the whole stem, or its first word
+    (`coarse_delay.yaml` is a coarse-stage config)."""
     import importlib
     name = Path(path).stem
+    if name not in CONFIG_MODULES:
+        name = name.split("_")[0]
     if name in CONFIG_MODULES:
         importlib.import_module(CONFIG_MODULES[name])
     if name not in CONFIG_CLASSES:

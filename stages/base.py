@@ -1,9 +1,11 @@
-"""What every stage shares: its config, the kind registry, and checkpoint save/load.
+"""What every stage shares: its config, roles and the kind registry, and checkpoint save/load.
 
-A stage is one file with one class that follows the small `Stage` protocol below; the
-pipeline and the training loop only ever see the protocol. A checkpoint records its kind, so
-an ablation (say a MusicGen delay-pattern coarse stage) is a new file registered under a new
-kind, and swapping it in is passing its checkpoint path.
+A stage has a role (what it makes: semantic ids, coarse codes, fine codes, or all acoustic
+codes at once as MusicGen does) and a kind (how it lays the tokens out: MusicLM's flattened
+sequences, MusicGen's delay pattern, ...). A kind is one file with one class that follows the
+small `Stage` protocol below, plus one line in STAGE_KINDS; the pipeline and the training loop
+only ever see the protocol and check the role. A checkpoint records its kind and role, so
+swapping a stage for an ablation is passing another checkpoint path.
 """
 from __future__ import annotations
 
@@ -17,16 +19,17 @@ import torch
 from common.checkpoint import load_checkpoint, read_header, save_checkpoint
 from common.config import config_from_dict, config_to_dict, register_config
 from common.errors import CheckpointError
-from stages.transformer import Transformer
 
-# kind -> "module:Class"; an ablation adds a line here.
+# kind -> "module:Class"; a new kind adds a line here (the class lists the roles it can fill).
 STAGE_KINDS = {"semantic": "stages.semantic:SemanticStage", "coarse": "stages.coarse:CoarseStage",
-               "fine": "stages.fine:FineStage"}
+               "fine": "stages.fine:FineStage", "delay": "stages.delay:DelayStage"}
+ROLES = ("semantic", "coarse", "fine", "acoustic")
 
 
 @dataclass
 class StageConfig:
     kind: str = "semantic"
+    role: str = ""                    # semantic | coarse | fine | acoustic; "" = the kind's only role
     # what the stage is fed: must match the tokenizers (checked against the cache and the pipeline)
     mulan_levels: int = 12
     mulan_codebook: int = 1024
@@ -38,6 +41,7 @@ class StageConfig:
     acoustic_rate: float = 50.0
     window_seconds: float = 10.0      # training window; the fine stage uses ~3 s
     semantic_tokens: str = ""         # fingerprint of the semantic tokenizer whose ids trained it ("" = unchecked)
+    semantic_input: bool = True       # frame-aligned acoustic kinds: sum the semantic ids into their frames
     # the transformer
     dim: int = 256
     depth: int = 6
@@ -63,21 +67,38 @@ class StageConfig:
     threads: int = 2
 
 
-for _name in ("semantic", "coarse", "fine"):
+for _name in ("semantic", "coarse", "fine", "delay"):
     register_config(_name)(StageConfig)
 
 
 class Stage(Protocol):
-    kind: str
+    """What the training loop, the evaluations and the pipeline may call. Batches are cached token
+    windows: {"mulan": [B, Q_m], "semantic": [B, T_s], "acoustic": [B, Q, T_a]}."""
+    kind: str                  # the layout, a key of STAGE_KINDS
+    roles: tuple[str, ...]     # the roles this kind can fill
+    role: str
     cfg: StageConfig
-    model: Transformer
+    model: torch.nn.Module
 
-    def training_sequence(self, batch: dict[str, torch.Tensor], drop_cond: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cached tokens of a window -> (tokens [B, L], levels [L], predict [L] bool)."""
+    def loss(self, batch: dict[str, torch.Tensor], drop_cond: torch.Tensor | None,
+             model: torch.nn.Module | None = None) -> dict:
+        """-> {"loss": mean cross-entropy, "per_level": {level: (summed CE, correct, count)}}. Rows where
+        `drop_cond` is set get the null condition. `model` runs instead of self.model (the DDP wrapper)."""
 
     def level_names(self) -> list[str]:
-        """A name per level, for logs."""
+        """A name per level index of "per_level", for logs."""
+
+    # and the generate of its role (shapes: B batch, Q_m MuLan tokens, T_s semantic ids, P prompt frames):
+    #   semantic: generate(mulan [B, Q_m], n, s, prompt [B, P]) -> [B, n] new semantic ids
+    #   coarse:   generate(mulan, semantic [B, T_s], frames, s, prompt [B, Q_c, P]) -> [B, Q_c, frames]
+    #   acoustic: generate(mulan, semantic [B, T_s], frames, s, prompt [B, Q, P]) -> [B, Q, frames]
+    #   fine:     generate(coarse [B, Q_c, T], s, fine_prompt=[B, Q_f, P]) -> [B, Q_f, T]
+    # each also takes generator=, use_cache=, progress= (a tqdm-like object with update(n)).
+
+
+def register_kind(kind: str, target: str) -> None:
+    """Add a stage kind at run time ("module:Class"), e.g. from a test or a user's own file."""
+    STAGE_KINDS[kind] = target
 
 
 def stage_class(kind: str) -> type:
@@ -87,7 +108,18 @@ def stage_class(kind: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def stage_role(cfg: StageConfig) -> str:
+    """The role a config asks for, checked against what its kind can fill."""
+    roles = stage_class(cfg.kind).roles
+    role = cfg.role or (roles[0] if len(roles) == 1 else "")
+    if role not in roles:
+        raise CheckpointError(f"a '{cfg.kind}' stage fills the role {' or '.join(roles)}, not "
+                              f"'{cfg.role}'; set role= to one of them")
+    return role
+
+
 def build_stage(cfg: StageConfig):
+    cfg.role = stage_role(cfg)
     return stage_class(cfg.kind)(cfg)
 
 
@@ -96,14 +128,19 @@ def save_stage(stage, path: str | Path, meta: dict | None = None, state_dict: di
                     meta=meta or {})
 
 
-def load_stage(path: str | Path, kind: str | None = None):
-    """Rebuild a stage from its checkpoint; the recorded kind picks the class."""
+def load_stage(path: str | Path, role: str | tuple[str, ...] | None = None):
+    """Rebuild a stage from its checkpoint (the recorded kind picks the class); with `role`, refuse a
+    stage that fills another role."""
     header = read_header(path)
     if header["kind"] not in STAGE_KINDS:
         raise CheckpointError(f"{path} is a '{header['kind']}' checkpoint, not a stage "
                               f"({', '.join(STAGE_KINDS)})")
-    ck = load_checkpoint(path, kind=kind or tuple(STAGE_KINDS))
+    ck = load_checkpoint(path, kind=tuple(STAGE_KINDS))
     cfg = config_from_dict(StageConfig, ck.config, str(path))
+    wanted = (role,) if isinstance(role, str) else role
+    if wanted and stage_role(cfg) not in wanted:
+        raise CheckpointError(f"{path} is a {stage_role(cfg)} stage ({cfg.kind}), not a {' or '.join(wanted)} "
+                              "stage; pass a checkpoint trained for that role")
     stage = build_stage(cfg)
     stage.model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()})
     stage.model.eval()

@@ -28,7 +28,7 @@ def unflatten(flat: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 class CoarseStage(SemanticStage):
-    kind = "coarse"
+    kind, roles = "coarse", ("coarse",)
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg

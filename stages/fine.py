@@ -17,11 +17,12 @@ import torch
 from stages.base import StageConfig
 from stages.coarse import flatten, unflatten
 from stages.sampling import Sampling, generate
+from stages.semantic import Flattened
 from stages.transformer import ModelShape, Transformer
 
 
-class FineStage:
-    kind = "fine"
+class FineStage(Flattened):
+    kind, roles = "fine", ("fine",)
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg

@@ -8,10 +8,16 @@ import torch
 
 @dataclass
 class Sampling:
-    temperature: float = 1.0
-    top_k: int = 0          # 0: off
-    top_p: float = 1.0      # 1.0: off
-    guidance: float = 1.0   # classifier-free guidance scale; 1.0: off
+    """Knobs of one stage. temperature, top_k and top_p may also be lists, one value per level of a
+    stage that makes several levels at once (the last value repeats): see `at_level`."""
+    temperature: float | list = 1.0
+    top_k: int | list = 0          # 0: off
+    top_p: float | list = 1.0      # 1.0: off
+    guidance: float = 1.0          # classifier-free guidance scale; 1.0: off
+
+    def at_level(self, k: int) -> "Sampling":
+        pick = lambda v: v[min(k, len(v) - 1)] if isinstance(v, (list, tuple)) else v  # noqa: E731
+        return Sampling(pick(self.temperature), pick(self.top_k), pick(self.top_p), self.guidance)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,6 +70,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     forced = forced if forced is not None else torch.full((B, N), -1, dtype=torch.long)
     known = forced >= 0
     everywhere = known.all(0).tolist()   # positions copied in every row need no logits
+    first = int(levels.min()) if N else 0   # per-level knobs count from the first generated level
     cache = model.new_cache() if use_cache else None
     h = model.hidden(seq, prefix_levels, 0, cache)[:, -1]
     out = torch.zeros(B, N, dtype=torch.long)
@@ -75,7 +82,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
             logits = model.logits(h, int(levels[i]))
             if guided:
                 logits = cfg_mix(logits[:B], logits[B:], s.guidance)
-            out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s, generator))
+            out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s.at_level(int(levels[i]) - first), generator))
         j = i + 1
         while j < N and everywhere[j]:   # copy the forced run that follows and feed it with token i
             out[:, j] = forced[:, j]

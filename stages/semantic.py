@@ -18,8 +18,21 @@ from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
 
 
-class SemanticStage:
-    kind = "semantic"
+class Flattened:
+    """What MusicLM's flattened kinds share: a token sequence scored by the one transformer."""
+
+    @property
+    def role(self) -> str:
+        return self.cfg.role
+
+    def loss(self, batch, drop_cond, model=None) -> dict:
+        device = self.model.offsets.device
+        tokens, levels, predict = (t.to(device) for t in self.training_sequence(batch, drop_cond))
+        return (model or self.model)(tokens, levels, predict)
+
+
+class SemanticStage(Flattened):
+    kind, roles = "semantic", ("semantic",)
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg

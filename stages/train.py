@@ -67,8 +67,7 @@ def evaluate(stage, cache: TokenCache, cfg: StageConfig, device: torch.device) -
     model.eval()
     for i in range(cfg.eval_batches):
         b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991)
-        tokens, levels, predict = stage.training_sequence(b, torch.zeros(len(b["mulan"]), dtype=torch.bool))
-        out = model.loss(tokens.to(device), levels.to(device), predict.to(device))
+        out = stage.loss(b, torch.zeros(len(b["mulan"]), dtype=torch.bool))
         for level, (ce, correct, n) in out["per_level"].items():
             t = totals.setdefault(level, [0.0, 0, 0])
             t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
@@ -128,12 +127,11 @@ def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None)
         total = 0.0
         for micro in range(cfg.grad_accum):
             b, drop = batch_at(cache, rows, cfg, step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
-            tokens, levels, predict = (t.to(device) for t in stage.training_sequence(b, drop))
             with autocast:
-                loss = wrapped(tokens, levels, predict)["loss"] / cfg.grad_accum
+                loss = stage.loss(b, drop, wrapped)["loss"] / cfg.grad_accum
             loss.backward()
             total += loss.item()
-            seen += tokens.numel() * world
+            seen += b["acoustic"].shape[0] * b["acoustic"].shape[-1] / cfg.acoustic_rate * world  # audio seconds
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,9 +147,9 @@ def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == 1):
             rate = seen / (time.time() - t0)
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{total:.3f}", audio_s=f"{rate:.1f}")
             log_jsonl(out, {"step": step, "loss": total, "lr": warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps),
-                            "tokens_per_s": round(rate, 1)})
+                            "audio_seconds_per_s": round(rate, 2)})
         if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             log_jsonl(out, {"step": step, "valid": evaluate(stage, cache, cfg, device)}, echo=True)
         if step % cfg.ckpt_every == 0:

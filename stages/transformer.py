@@ -75,18 +75,31 @@ class Block(nn.Module):
         self.qkv, self.out = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], cache: dict | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], cache: dict | None,
+                mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+        """`mask`: "causal", a bool [L, L_keys] (True = may attend), or None (every position sees every other)."""
         B, L, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         (q, k), v = rotary(qkv[:2], *angles), qkv[2]
         if cache is not None:  # append this call's keys/values to the ones already seen
             k, v = append_kv(cache, k, v)
-        # one new token may attend to everything cached; longer chunks need the causal mask
-        causal = None if L == 1 else torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+        if isinstance(mask, str):  # one new token may attend to everything cached; longer chunks need the mask
+            mask = None if L == 1 else torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.out(h.transpose(1, 2).reshape(B, L, D))
         return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, heads: int, start: int = 0, cache: list[dict] | None = None,
+               mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+    """Input embeddings [B, L, D] at positions start.. -> block outputs [B, L, D] (before the final norm).
+    Every model here (flattened token sequences, frame-aligned layouts) runs its blocks through this."""
+    pos = torch.arange(start, start + x.shape[1], device=x.device)
+    angles = rotary_angles(pos, x.shape[-1] // heads // 2, x.dtype)
+    for i, block in enumerate(blocks):
+        x = block(x, angles, cache[i] if cache is not None else None, mask)
+    return x
 
 
 class Transformer(nn.Module):
@@ -113,11 +126,7 @@ class Transformer(nn.Module):
         """tokens [B, L] (ids within their level), levels [L] -> hidden states [B, L, D].
         `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental."""
         x = self.embed(tokens + self.offsets[levels])
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        angles = rotary_angles(pos, self.shape.dim // self.shape.heads // 2, x.dtype)
-        for i, block in enumerate(self.blocks):
-            x = block(x, angles, cache[i] if cache is not None else None)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self.shape.heads, start, cache))
 
     def logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         """Hidden states [..., D] -> logits [..., V_level] over the ids of one level."""
