@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common.config import register_config
 from common.errors import UserError, run_cli
@@ -53,9 +52,10 @@ class GenerationOptions:
 
 
 def check_fit(parts: dict) -> None:
-    """Refuse parts that do not fit together, naming the two that disagree and on what."""
+    """Refuse parts that do not fit together, naming the two that disagree and on what. The coarse slot
+    may hold an acoustic-role stage (every codec level at once); then there is no fine stage."""
     mulan, sem_tok, codec = parts["mulan"], parts["semantic_tokenizer"], parts["acoustic"]
-    sem, coarse, fine = parts["semantic"].cfg, parts["coarse"].cfg, parts["fine"].cfg
+    sem, coarse, fine = parts["semantic"].cfg, parts["coarse"].cfg, parts["fine"] and parts["fine"].cfg
     checks = []
     for name, st in (("semantic", sem), ("coarse", coarse)):
         checks += [(name, "mulan", "conditioning tokens", st.mulan_levels, mulan.num_tokens),
@@ -63,11 +63,16 @@ def check_fit(parts: dict) -> None:
                    (name, "semantic_tokenizer", "semantic vocabulary", st.semantic_codebook, sem_tok.codebook_size),
                    (name, "semantic_tokenizer", "semantic frame rate", st.semantic_rate, sem_tok.frame_rate)]
     for name, st in (("coarse", coarse), ("fine", fine)):
-        checks += [(name, "acoustic", "acoustic codebook size", st.acoustic_codebook, codec.codebook_size),
-                   (name, "acoustic", "acoustic frame rate", st.acoustic_rate, codec.frame_rate)]
-    checks += [("coarse", "fine", "number of coarse levels", coarse.coarse_levels, fine.coarse_levels),
-               ("fine", "acoustic", "number of levels (coarse + fine)", fine.coarse_levels + fine.fine_levels,
-                codec.num_quantizers)]
+        if st is not None:
+            checks += [(name, "acoustic", "acoustic codebook size", st.acoustic_codebook, codec.codebook_size),
+                       (name, "acoustic", "acoustic frame rate", st.acoustic_rate, codec.frame_rate)]
+    if fine is not None:
+        checks += [("coarse", "fine", "number of coarse levels", coarse.coarse_levels, fine.coarse_levels),
+                   ("fine", "acoustic", "number of levels (coarse + fine)", fine.coarse_levels + fine.fine_levels,
+                    codec.num_quantizers)]
+    else:
+        checks += [("coarse", "acoustic", "number of levels (an acoustic-role stage makes all)",
+                    coarse.coarse_levels + coarse.fine_levels, codec.num_quantizers)]
     for name, st in (("semantic", sem), ("coarse", coarse)):
         if st.semantic_tokens and st.semantic_tokens != sem_tok.fingerprint:
             raise UserError(f"the {name} stage was trained on the ids of semantic tokenizer {st.semantic_tokens}, "
@@ -89,15 +94,20 @@ def load_parts(paths: dict[str, str]) -> dict:
     from audio_tokenizers.semantic import load_semantic
     from stages.base import load_stage
     resolved = {k: (ROOT / v if not Path(v).is_absolute() else Path(v)) for k, v in paths.items()}
-    missing = [f"{k} ({resolved[k]})" for k in PARTS if not resolved[k].exists()]
+    missing = [f"{k} ({resolved[k]})" for k in PARTS if not resolved[k].exists() and k != "fine"]
     if missing:
         raise UserError(f"models not found: {', '.join(missing)}; train them (README) or pass --stage NAME=PATH")
     loaders = {"mulan": load_conditioner, "semantic_tokenizer": load_semantic, "acoustic": load_acoustic,
-               "semantic": lambda p: load_stage(p, "semantic"), "coarse": lambda p: load_stage(p, "coarse"),
-               "fine": lambda p: load_stage(p, "fine")}
+               "semantic": lambda p: load_stage(p, "semantic"),
+               "coarse": lambda p: load_stage(p, ("coarse", "acoustic")), "fine": lambda p: load_stage(p, "fine")}
     parts = {}
     for name in PARTS:
+        if name == "fine" and parts["coarse"].role == "acoustic":
+            parts[name] = None   # the acoustic-role stage in the coarse slot makes the fine levels too
+            continue
         try:
+            if not resolved[name].exists():
+                raise UserError(f"{resolved[name]} not found; train a fine stage or pass an acoustic-role coarse stage")
             parts[name] = loaders[name](resolved[name])
         except UserError as e:
             raise UserError(f"--stage {name}: {e}") from None
@@ -112,7 +122,8 @@ class Pipeline:
         if int8:
             from stages.quantize import quantize_int8
             for name in ("semantic", "coarse", "fine"):
-                quantize_int8(parts[name].model)
+                if parts[name] is not None:
+                    quantize_int8(parts[name].model)
         self.mulan, self.codec = parts["mulan"], parts["acoustic"]
         self.sample_rate = self.codec.sample_rate
         self.ratio = int(round(self.codec.frame_rate / parts["semantic_tokenizer"].frame_rate))
@@ -127,10 +138,11 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, texts: list[str] | None = None, duration: float = 10.0, story: list[tuple[str, float]] | None = None,
                  prompt_audio: torch.Tensor | None = None, options: GenerationOptions | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, semantic_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Prompts (or a story: [(text, start seconds)]) -> audio [B, 1, N] at the codec's rate; with
-        `prompt_audio` [B, 1, P] the output is the prompt (cut to whole token frames) plus `duration`."""
-        from stages.sampling import Sampling
+        `prompt_audio` [B, 1, P] the output is the prompt (cut to whole token frames) plus `duration`.
+        `semantic_ids` [B, T_s] (e.g. `self.semantic_ids(audio)`) replace the semantic stage's: AudioLM's
+        acoustic resynthesis, or with another text a timbre transfer; `duration` is capped to T_s frames."""
         o = options or GenerationOptions()
         if not 0 < duration <= MAX_SECONDS:
             raise UserError(f"duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {duration}")
@@ -158,19 +170,48 @@ class Pipeline:
             sem_prompt = self.parts["semantic_tokenizer"].encode(prompt_audio)
             ac_prompt = self.codec.encode(prompt_audio)
         self.timings["mulan"] = time.perf_counter() - t0
-        s = {k: Sampling(guidance=o.guidance if k != "fine" else 1.0, **getattr(o, k)) for k in ("semantic", "coarse", "fine")}
+        s = self._sampling(o)
         t = time.perf_counter()
-        sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate)
+        if semantic_ids is not None:
+            if prompt_audio is not None:
+                raise UserError("give either a prompt audio or the semantic ids of a recording, not both")
+            sem = semantic_ids[:, :n_sem]
+        elif self.parts["coarse"].cfg.semantic_input:
+            sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate)
+        else:   # an acoustic stage that reads no semantic ids (MusicGen): the semantic stage is skipped
+            sem = None
         self.timings["semantic"], t = time.perf_counter() - t, time.perf_counter()
-        coarse = self._coarse(cond_at, sem, s["coarse"], ac_prompt, g, sem_rate)
+        n_sem = sem.shape[1] if sem is not None else n_sem + (0 if ac_prompt is None else ac_prompt.shape[-1] // self.ratio)
+        coarse = self._coarse(cond_at, sem, n_sem, s["coarse"], ac_prompt, g, sem_rate)
         self.timings["coarse"], t = time.perf_counter() - t, time.perf_counter()
-        fine = self._fine(coarse, s["fine"], ac_prompt, g)
+        fine = self._fine(coarse, s["fine"], ac_prompt, g) if self.parts["fine"] is not None else coarse[:, :0]
         self.timings["fine"], t = time.perf_counter() - t, time.perf_counter()
         codes = torch.cat([coarse, fine], 1)
         self.last_codes = {"semantic": sem, "acoustic": codes}  # for inspection and tests
         wav = self.codec.decode(codes, length=prompt_len + int(round(duration * self.sample_rate)))
         self.timings["decode"] = time.perf_counter() - t
         return wav
+
+    @torch.no_grad()
+    def render(self, condition: torch.Tensor, semantic_ids: torch.Tensor | None = None, coarse: torch.Tensor | None = None,
+               options: GenerationOptions | None = None) -> torch.Tensor:
+        """The acoustic stages alone, from given tokens (the stage-wise oracle's rows): MuLan tokens
+        [B, Q_m] + semantic ids [B, T_s] -> codec codes [B, Q, T_s * ratio]; with `coarse` codes
+        [B, Q_c, T] only the fine stage runs. Decode with `self.codec.decode`."""
+        o = options or GenerationOptions()
+        s, g = self._sampling(o), torch.Generator().manual_seed(o.seed)
+        torch.manual_seed(o.seed)
+        if coarse is None:
+            rate = self.parts["semantic_tokenizer"].frame_rate
+            coarse = self._coarse(lambda sec: condition, semantic_ids, semantic_ids.shape[1], s["coarse"], None, g, rate)
+        fine = self._fine(coarse, s["fine"], None, g) if self.parts["fine"] is not None else coarse[:, :0]
+        return torch.cat([coarse, fine], 1)
+
+    @staticmethod
+    def _sampling(o: GenerationOptions) -> dict:
+        from stages.sampling import Sampling
+        return {k: Sampling(guidance=o.guidance if k != "fine" else 1.0, **getattr(o, k))
+                for k in ("semantic", "coarse", "fine")}
 
     def _windows(self, stage) -> tuple[int, int]:
         w = max(2, int(round(stage.cfg.window_seconds * stage.cfg.semantic_rate)))
@@ -188,24 +229,27 @@ class Pipeline:
             out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g)], 1)
         return out
 
-    def _coarse(self, cond_at, sem, s, prompt, g, rate):
+    def _coarse(self, cond_at, sem, n, s, prompt, g, rate):
+        """Codes over n semantic frames (the coarse levels, or every level for an acoustic-role stage), in
+        sliding windows that keep the codes of the last C semantic frames as the next window's prompt."""
         stage, r = self.parts["coarse"], self.ratio
+        q = stage.cfg.coarse_levels + (stage.cfg.fine_levels if stage.role == "acoustic" else 0)
         W, C = self._windows(stage)
-        B, n = sem.shape
-        out = prompt[:, : stage.cfg.coarse_levels] if prompt is not None else torch.zeros(B, stage.cfg.coarse_levels, 0, dtype=torch.long)
-        pos = out.shape[-1] // r   # semantic frames already covered by coarse codes
+        B = sem.shape[0] if sem is not None else len(cond_at(0.0))
+        out = prompt[:, :q] if prompt is not None else torch.zeros(B, q, 0, dtype=torch.long)
+        pos = out.shape[-1] // r   # semantic frames already covered by codes
         while pos < n:
             a = max(0, min(pos - C, n - W)) if pos > 0 else 0
             end = min(a + W, n)
             m = cond_at(pos / rate).expand(B, -1)
-            new = stage.generate(m, sem[:, a:end], (end - pos) * r, s, prompt=out[..., a * r: pos * r], generator=g)
+            new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
+                                 prompt=out[..., a * r: pos * r], generator=g)
             out, pos = torch.cat([out, new], -1), end
         return out
 
     def _fine(self, coarse, s, prompt, g):
         """Non-overlapping windows, all in one batch (as AudioLM's fine stage: the coarse codes carry
-        the continuity). The end is padded to a whole window: a fine frame never sees later coarse
-        frames, so the padding cannot change the real ones."""
+        the continuity). The end is padded to a whole window by repeating the last coarse frame."""
         stage = self.parts["fine"]
         W = max(2, int(round(stage.cfg.window_seconds * stage.cfg.acoustic_rate)))
         B, Qc, T = coarse.shape
@@ -214,8 +258,17 @@ class Pipeline:
         if prompt is not None:
             known[..., : prompt.shape[-1]] = prompt[:, Qc:Qc + Qf]
         fold = lambda x: x.reshape(B, x.shape[1], n, W).transpose(1, 2).reshape(B * n, x.shape[1], W)  # noqa: E731
-        fine = stage.generate(fold(F.pad(coarse, (0, n * W - T))), s, generator=g, fine_prompt=fold(known))
+        padded = torch.cat([coarse, coarse[..., -1:].expand(-1, -1, n * W - T)], -1)
+        fine = stage.generate(fold(padded), s, generator=g, fine_prompt=fold(known))
         return fine.reshape(B, n, Qf, W).transpose(1, 2).reshape(B, Qf, n * W)[..., :T]
+
+    @torch.no_grad()
+    def semantic_ids(self, audio: torch.Tensor) -> torch.Tensor:
+        """Audio [B, 1, N] at the codec's rate -> the semantic tokenizer's ids [B, T_s] (for `semantic_ids=`)."""
+        ids = self.parts["semantic_tokenizer"].encode(audio)
+        if ids.shape[1] == 0:
+            raise UserError("the recording is shorter than one semantic frame; give a longer one")
+        return ids
 
     @torch.no_grad()
     def rerank(self, texts: list[str], candidates: torch.Tensor, k: int) -> torch.Tensor:

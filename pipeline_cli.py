@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="variations per prompt")
     ap.add_argument("--rerank", type=int, default=1, metavar="K", help="keep the best of K by MuLan score")
     ap.add_argument("--prompt-audio", type=Path, default=None)
+    ap.add_argument("--semantic-from", type=Path, default=None, metavar="AUDIO",
+                    help="semantic ids from this recording instead of the semantic stage (acoustic resynthesis; "
+                         "with another --text, a timbre transfer); --duration is capped to its length")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
     ap.add_argument("--int8", action="store_true", help="stages generate with int8 weights (faster on CPU)")
@@ -76,18 +79,28 @@ def main() -> None:
     if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
         raise UserError(f"cannot write {args.out}: {out_dir} is not a writable folder")
     paths = part_paths(args.stage)
-    prompt = None
-    if args.prompt_audio:
-        try:
-            prompt = torch.from_numpy(load_audio(args.prompt_audio, 24000))[None, None]
-        except AudioError as e:
-            raise UserError(f"--prompt-audio {e}") from None
+    if args.prompt_audio and args.semantic_from:
+        raise UserError("give either --prompt-audio (continue a recording) or --semantic-from (re-render one), not both")
+    prompt = source = None
+    for flag, path in (("--prompt-audio", args.prompt_audio), ("--semantic-from", args.semantic_from)):
+        if path:
+            try:
+                audio = torch.from_numpy(load_audio(path, 24000))[None, None]
+            except AudioError as e:
+                raise UserError(f"{flag} {e}") from None
+            prompt, source = (audio, source) if flag == "--prompt-audio" else (prompt, audio)
 
     t0 = time.perf_counter()
     pipe = Pipeline(load_parts(paths), int8=args.int8)
     load_s = time.perf_counter() - t0
     if prompt is not None and pipe.sample_rate != 24000:
         prompt = torch.from_numpy(load_audio(args.prompt_audio, pipe.sample_rate))[None, None]
+    ids = None
+    if source is not None:
+        if pipe.sample_rate != 24000:
+            source = torch.from_numpy(load_audio(args.semantic_from, pipe.sample_rate))[None, None]
+        ids = pipe.semantic_ids(source)
+        args.duration = min(args.duration, ids.shape[1] / pipe.parts["semantic_tokenizer"].frame_rate)
     opts = GenerationOptions(seed=args.seed, guidance=args.guidance)
     for stage in ("semantic", "coarse", "fine"):
         for knob in ("temperature", "top_k", "top_p"):
@@ -99,12 +112,13 @@ def main() -> None:
     per = args.batch * args.rerank
     t1 = time.perf_counter()
     if story:
-        wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts,
-                                       prompt_audio=prompt) for _ in range(per)])
+        wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts, prompt_audio=prompt,
+                                       semantic_ids=ids) for _ in range(per)])
     else:
         expanded = [t for t in texts for _ in range(per)]
         wav = pipe.generate(expanded, args.duration, options=opts,
-                            prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None)
+                            prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None,
+                            semantic_ids=ids.expand(len(expanded), -1) if ids is not None else None)
     if args.rerank > 1:
         keys = [" ".join(texts)] if story else texts
         wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank)

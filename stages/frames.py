@@ -1,0 +1,104 @@
+"""The frame-aligned layout shared by the delay-pattern and masked acoustic stages.
+
+One position per acoustic frame (50 Hz), after a prefix of MuLan tokens. The input of a frame
+position is a SUM of embeddings, so the time alignment between semantic ids, known codes and
+the codes being made is given by construction instead of learned (SoundStorm's conditioning):
+
+    position      M1   M2  |  frame 1     frame 2     frame 3     frame 4   ...
+    prefix        m1   m2  |
+    semantic               |  + s1        + s1        + s2        + s2        (25 Hz ids repeated to 50 Hz)
+    known levels           |  + c1        + c2        + c3        + c4        (fine role: the coarse codes)
+    own levels             |  + x1        + x2        + x3        + x4        (placed by the kind's pattern)
+
+Each level has its own embedding table over the codebook plus two special ids: EMPTY (no value
+here, e.g. the delay pattern's padding) and MASK (to be predicted, masked decoding). Each level
+has its own output head over the codebook. The MuLan prefix uses one id per level plus a null id
+for classifier-free guidance, as in the flattened stages.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from stages.transformer import Block, run_blocks
+
+
+class FrameModel(nn.Module):
+    """Embeddings -> the shared transformer blocks -> one head per predicted level.
+
+    levels K and codebook V: the codes the stage makes; known_levels: lower codec levels given
+    as input (0 for coarse/acoustic roles); semantic_codebook 0 switches the semantic input off."""
+
+    def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
+                 known_levels: int, dim: int, depth: int, heads: int, dropout: float):
+        super().__init__()
+        self.levels, self.codebook, self.heads = levels, codebook, heads
+        self.empty, self.mask_id = codebook, codebook + 1
+        self.cond = nn.Embedding(cond_levels * (cond_codebook + 1), dim)
+        self.register_buffer("cond_offsets", torch.arange(cond_levels) * (cond_codebook + 1), persistent=False)
+        self.semantic = nn.Embedding(semantic_codebook, dim) if semantic_codebook else None
+        self.known = nn.Embedding(known_levels * codebook, dim) if known_levels else None
+        self.register_buffer("known_offsets", torch.arange(known_levels) * codebook, persistent=False)
+        self.codes = nn.Embedding(levels * (codebook + 2), dim)
+        self.register_buffer("code_offsets", torch.arange(levels) * (codebook + 2), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, levels * codebook, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def embed_prefix(self, cond: torch.Tensor) -> torch.Tensor:
+        """MuLan tokens [B, Q_m] (null id = codebook) -> [B, Q_m, D]."""
+        return self.cond(cond + self.cond_offsets)
+
+    def embed_frames(self, codes: torch.Tensor, semantic: torch.Tensor | None = None,
+                     known: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, K, T] (ids, EMPTY or MASK), semantic [B, T] at the frame rate, known [B, K_known, T]
+        -> the summed input embeddings [B, T, D]."""
+        x = self.codes(codes + self.code_offsets[:, None]).sum(1)
+        if self.semantic is not None and semantic is not None:
+            x = x + self.semantic(semantic)
+        if self.known is not None and known is not None:
+            x = x + self.known(known + self.known_offsets[:, None]).sum(1)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, D] -> logits [B, T, K, V]."""
+        return self.head(self.norm(h)).unflatten(-1, (self.levels, self.codebook))
+
+    def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,
+                known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+        """The whole sequence at once (training, scoring) -> logits [B, T, K, V] of the frame positions."""
+        x = torch.cat([self.embed_prefix(cond), self.embed_frames(codes, semantic, known)], 1)
+        return self.logits(run_blocks(self.blocks, x, self.heads, 0, None, mask)[:, cond.shape[1]:])
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.blocks]
+
+
+def frame_rate_ids(semantic: torch.Tensor, ratio: int, frames: int) -> torch.Tensor:
+    """Semantic ids [B, T_s] -> the id covering each acoustic frame [B, frames] (the last one repeated
+    if the ids end early)."""
+    up = semantic.repeat_interleave(ratio, dim=1)
+    if up.shape[1] < frames:
+        up = torch.cat([up, up[:, -1:].expand(-1, frames - up.shape[1])], 1)
+    return up[:, :frames]
+
+
+def level_losses(logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> dict:
+    """Cross-entropy of logits [B, T, K, V] against target [B, K, T] on the cells `where` [B, K, T] marks:
+    the mean, and per level (summed CE, correct, count) for logs."""
+    stats, total, count = {}, logits.new_zeros(()), 0
+    for k in range(target.shape[1]):
+        sel = where[:, k]
+        lg, tg = logits[:, :, k][sel].float(), target[:, k][sel]
+        ce = nn.functional.cross_entropy(lg, tg, reduction="sum")
+        total, count = total + ce, count + tg.numel()
+        stats[k] = (ce.detach(), (lg.argmax(-1) == tg).sum().detach(), tg.numel())
+    return {"loss": total / max(count, 1), "per_level": stats}
