@@ -2,6 +2,7 @@
 
     python -m evaluation.bench stages [--repeats 5]
     python -m evaluation.bench pipeline [--stage NAME=PATH ...] [--durations 10 60] [--int8]
+    python -m evaluation.bench train --configs configs/coarse.yaml configs/delay.yaml [--threads 1]
 
 `stages` uses config B1: dim 256, depth 6, 4 heads, semantic vocabulary 512, codebook 1024,
 3 coarse levels, 12 MuLan tokens, a 5 s clip (125 semantic + 250 x 3 coarse tokens). It prints
@@ -9,6 +10,12 @@ training tokens/s (forward + backward + AdamW, batch 4, coarse layout), and coar
 tokens/s at batch 1 without guidance, with the KV cache and without it (recomputing the whole
 sequence each step), plus whether both produce the same tokens; then the KV-cache generation
 again with int8 block weights (stages/quantize.py).
+
+`train` times training steps (forward + backward + AdamW) of stage configs side by side, on
+random tokens of each config's window and batch size, alternating the configs so that a
+machine that slows down slows them all; it prints the median step time and the audio-seconds
+of training windows per second, the measure to compare layouts by (tokens/s is not: a frame
+costs 3 positions in the flattened coarse layout and 1 in the delay pattern).
 """
 from __future__ import annotations
 
@@ -82,6 +89,51 @@ def bench_stages(repeats: int, gen_tokens: int) -> dict:
             "gen_kv_int8_tokens_per_s": round(frames * 3 / med(int8_times), 1)}
 
 
+def random_batch(cfg: StageConfig, g: torch.Generator) -> dict:
+    """Random cached-token windows in the shapes a config trains on."""
+    frames = int(round(cfg.window_seconds * cfg.semantic_rate))
+    ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
+    return {"mulan": torch.randint(0, cfg.mulan_codebook, (cfg.batch_size, cfg.mulan_levels), generator=g),
+            "semantic": torch.randint(0, cfg.semantic_codebook, (cfg.batch_size, frames), generator=g),
+            "acoustic": torch.randint(0, cfg.acoustic_codebook,
+                                      (cfg.batch_size, cfg.coarse_levels + cfg.fine_levels, frames * ratio), generator=g)}
+
+
+def bench_train(configs: list[str], repeats: int, overrides: list[str] = ()) -> dict:
+    """Median training-step time and audio-seconds per second of each config, measured alternately."""
+    from common.config import load_config
+    steps = {}
+    for path in configs:
+        torch.manual_seed(0)
+        cfg = load_config(StageConfig, path, overrides)
+        stage = build_stage(cfg)
+        opt = torch.optim.AdamW(stage.model.parameters(), lr=1e-4)
+        batch = random_batch(cfg, torch.Generator().manual_seed(0))
+
+        def step(stage=stage, opt=opt, batch=batch):
+            loss = stage.loss(batch, torch.zeros(len(batch["mulan"]), dtype=torch.bool))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        steps[path] = (cfg, stage, step, [])
+        step()   # warm-up
+    for _ in range(repeats):
+        for cfg, stage, step, times in steps.values():
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    res = {"threads": torch.get_num_threads(), "repeats": repeats}
+    for path, (cfg, stage, _, times) in steps.items():
+        med = statistics.median(times)
+        res[path] = {"kind": cfg.kind, "role": cfg.role, "parameters_M": round(sum(p.numel() for p in stage.model.parameters()) / 1e6, 2),
+                     "batch": cfg.batch_size, "window_s": cfg.window_seconds, "step_s": round(med, 3),
+                     "audio_seconds_per_s": round(cfg.batch_size * cfg.window_seconds / med, 2)}
+    first = res[configs[0]]["audio_seconds_per_s"]
+    for path in configs[1:]:
+        res[path]["speed_vs_first"] = round(res[path]["audio_seconds_per_s"] / first, 2)
+    return res
+
+
 def bench_pipeline(paths: dict[str, str], durations: list[float], out_dir: str, repeats: int = 3,
                    int8: bool = False) -> dict:
     """Median wall time from loaded models to a written WAV over `repeats` runs (after one short
@@ -112,7 +164,10 @@ def bench_pipeline(paths: dict[str, str], durations: list[float], out_dir: str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Benchmarks (run on an idle machine).")
-    ap.add_argument("what", choices=["stages", "pipeline"])
+    ap.add_argument("what", choices=["stages", "pipeline", "train"])
+    ap.add_argument("--configs", nargs="+", default=["configs/coarse.yaml", "configs/delay.yaml"],
+                    help="train: stage configs to compare")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train: overrides for every config")
     ap.add_argument("--repeats", type=int, default=5, help="stages: timed runs; pipeline: runs per duration (use 3)")
     ap.add_argument("--gen-tokens", type=int, default=750, help="coarse tokens to generate (750 = 5 s)")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH", help="pipeline: swap a part")
@@ -125,6 +180,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.what == "stages":
         print(json.dumps(bench_stages(args.repeats, args.gen_tokens), indent=2))
+        return
+    if args.what == "train":
+        print(json.dumps(bench_train(args.configs, args.repeats, args.set), indent=2))
         return
     from common.errors import run_cli
     from pipeline_cli import part_paths

@@ -123,3 +123,20 @@ def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypat
     (tmp_path / "bad.yaml").write_text("name: x\nstagez: {}\n")
     assert_clean_error(run_module("evaluation.ablate", "--variants", str(tmp_path / "bad.yaml"), "--prompts",
                                   str(prompts), "--out", str(tmp_path / "abl2")), "unknown keys")
+
+
+def test_oracle_scores_every_row_on_labelled_clips(parts, tmp_path, monkeypatch):
+    from evaluation.oracle import main
+    in_process(monkeypatch, main, "--manifest", parts / "test.jsonl", "--out", tmp_path / "or", "--seconds", "1.5",
+               "--per-label", "1", *stage_flags(parts))
+    res = json.loads((tmp_path / "or/oracle.json").read_text())
+    assert res["clips"] == 2 and res["labels"] == 2
+    rows = res["rows"]
+    assert list(rows) == ["original", "codec", "coarse_only", "fine_stage", "coarse_stage", "coarse_stage_text", "chain"]
+    assert rows["original"]["instrument_acc"] == 1.0 and "mel_distance" not in rows["original"]
+    assert all(0 <= r["instrument_acc"] <= 1 for r in rows.values())
+    assert rows["codec"]["mel_distance"] > 0 and "mel_distance" not in rows["chain"]
+    assert "| coarse_stage |" in (tmp_path / "or/oracle.md").read_text()
+    assert_clean_error(run_module("evaluation.oracle", "--manifest", str(tmp_path / "none.jsonl"),
+                                  "--out", str(tmp_path / "x"), "--train-manifest", str(parts / "train.jsonl")),
+                       "not found")

@@ -1,0 +1,161 @@
+"""Where is the prompt lost? The stage-wise oracle on held-out clips.
+
+    python -m evaluation.oracle --manifest corpus/test.jsonl corpus/valid.jsonl --per-label 4 --seconds 4 \
+        --out eval/oracle [--stage NAME=PATH ...] [--rows codec coarse_stage ...] [--seed 0]
+
+Each row hands the chain the truth of a real clip down to some point and runs the rest:
+
+    original            the clip itself (the classifier's ceiling)
+    codec               encode -> decode, all levels
+    coarse_only         the true coarse levels alone, decoded
+    fine_stage          true coarse codes + fine codes sampled by the fine stage
+    coarse_stage        true semantic ids + the clip's own MuLan audio tokens -> coarse (+ fine) stages
+    coarse_stage_text   true semantic ids + the MuLan text tokens of its caption -> coarse (+ fine) stages
+    chain               the whole pipeline from the caption
+
+An acoustic-role stage in the coarse slot makes every level, so it has no fine_stage row.
+Measures: instrument accuracy by the project's classifier (MFCC statistics + logistic regression
+fitted on train-split originals, evaluation/codec.py), the number of distinct instruments it hears,
+and the mel distance to the original for the rows that are time-aligned with it (all but chain).
+Clips are picked per instrument label (up to --per-label each), so every instrument the held-out
+manifests have is covered; the table says how many labels that is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import UserError, run_cli
+from data.audio import crop_or_pad, load_audio
+from data.manifest import read_manifest
+
+ROWS = ("original", "codec", "coarse_only", "fine_stage", "coarse_stage", "coarse_stage_text", "chain")
+
+
+def pick_clips(manifests: list[Path], per_label: int, limit: int) -> list[dict]:
+    """Up to `per_label` rows of each instrument label, in manifest order, at most `limit` in all."""
+    by_label = defaultdict(list)
+    for m in manifests:
+        if not m.is_file():
+            raise UserError(f"manifest {m} not found; pass held-out manifests, e.g. corpus/test.jsonl")
+        for row in read_manifest(m):
+            if "instrument_label" in row and len(by_label[row["instrument_label"]]) < per_label:
+                by_label[row["instrument_label"]].append(row)
+    rows = [r for group in zip(*[g + [None] * (per_label - len(g)) for g in by_label.values()]) for r in group if r]
+    if not rows:
+        raise UserError(f"no rows with an instrument_label in {', '.join(map(str, manifests))}")
+    return rows[:limit]
+
+
+def row_codes(name: str, pipe, x: torch.Tensor, captions: list[str], options) -> torch.Tensor | None:
+    """Audio [B, 1, N] of real clips -> the codec codes the oracle row `name` decodes (None: not applicable)."""
+    codec, mulan = pipe.codec, pipe.mulan
+    codes = codec.encode(x)
+    qc = pipe.parts["coarse"].cfg.coarse_levels
+    if name == "codec":
+        return codes
+    if name == "coarse_only":
+        return codes[:, :qc]
+    if name == "fine_stage":
+        return None if pipe.parts["fine"] is None else pipe.render(None, coarse=codes[:, :qc], options=options)
+    sem = pipe.semantic_ids(x)
+    if name == "coarse_stage":
+        return pipe.render(mulan.tokens(mulan.embed_audio(x, pipe.sample_rate)), sem, options=options)
+    if name == "coarse_stage_text":
+        return pipe.render(mulan.tokens(mulan.embed_text(captions)), sem, options=options)
+    raise ValueError(name)
+
+
+@torch.no_grad()
+def run_oracle(pipe, clips: list[dict], seconds: float, rows: list[str], classifier, options, batch: int) -> dict:
+    from evaluation.codec import mfcc_features
+    from evaluation.metrics import mel_distance
+    sr, n = pipe.sample_rate, int(seconds * pipe.sample_rate)
+    audio = torch.from_numpy(np.stack([crop_or_pad(load_audio(r["audio"], sr), n) for r in clips]))
+    labels = np.array([r["instrument_label"] for r in clips])
+    results = {}
+    for name in rows:
+        t0, waves = time.perf_counter(), []
+        for i in range(0, len(clips), batch):
+            x, caps = audio[i:i + batch, None], [r["caption"] for r in clips[i:i + batch]]
+            if name == "original":
+                waves.append(x[:, 0])
+            elif name == "chain":
+                waves.append(pipe.generate(caps, seconds, options=options)[:, 0, :n])
+            else:
+                codes = row_codes(name, pipe, x, caps, options)
+                if codes is None:
+                    break
+                waves.append(pipe.codec.decode(codes, length=n)[:, 0])
+        if not waves:
+            continue
+        w = torch.cat(waves)
+        pred = classifier.predict(np.stack([mfcc_features(v, sr) for v in w.numpy()]))
+        res = {"instrument_acc": round(float(np.mean(pred == labels)), 4),
+               "distinct_instruments": int(len(set(pred))), "seconds": round(time.perf_counter() - t0, 1)}
+        if name not in ("original", "chain"):
+            res["mel_distance"] = round(float(mel_distance(audio, w, sr).mean()), 4)
+        results[name] = res
+        print(f"{name}: {res}", flush=True)
+    return results
+
+
+def markdown(results: dict, clips: int, labels: int, seconds: float) -> str:
+    codec = results.get("codec", {}).get("instrument_acc")
+    lines = [f"{clips} held-out clips, {labels} instrument labels, {seconds:g} s each", "",
+             "| row | instrument accuracy | of codec | distinct instruments | mel distance |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        rel = f"{r['instrument_acc'] / codec:.2f}" if codec else ""
+        lines.append(f"| {name} | {r['instrument_acc']:.3f} | {rel} | {r['distinct_instruments']} | "
+                     f"{r.get('mel_distance', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from evaluation.codec import instrument_classifier
+    from pipeline import GenerationOptions, Pipeline, load_parts
+    from pipeline_cli import part_paths
+    ap = argparse.ArgumentParser(prog="python -m evaluation.oracle", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--manifest", type=Path, nargs="+", required=True, help="held-out manifests")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--per-label", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--train-manifest", type=Path, default=None,
+                    help="originals to fit the instrument classifier on (default: train.jsonl beside the first manifest)")
+    ap.add_argument("--train-clips", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    if not 1 <= args.seconds <= 10 or args.per_label < 1:
+        raise UserError("--seconds must be in [1, 10] (the corpus clips are 10 s) and --per-label at least 1")
+    train = args.train_manifest or args.manifest[0].parent / "train.jsonl"
+    if not train.is_file():
+        raise UserError(f"{train} not found; pass --train-manifest (train-split originals for the classifier)")
+    torch.set_num_threads(2)
+    pipe = Pipeline(load_parts(part_paths(args.stage)))
+    clips = pick_clips(args.manifest, args.per_label, args.limit)
+    labels = len({r["instrument_label"] for r in clips})
+    print(f"{len(clips)} clips, {labels} instrument labels; fitting the classifier on {train}", flush=True)
+    classifier = instrument_classifier(read_manifest(train)[: args.train_clips], pipe.sample_rate, args.seconds)
+    results = run_oracle(pipe, clips, args.seconds, args.rows, classifier,
+                         GenerationOptions(seed=args.seed, guidance=args.guidance), args.batch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, len(clips), labels, args.seconds)
+    (args.out / "oracle.json").write_text(json.dumps({"clips": len(clips), "labels": labels, "seconds": args.seconds,
+                                                       "stages": part_paths(args.stage), "rows": results}, indent=1))
+    (args.out / "oracle.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    run_cli(main)
