@@ -58,8 +58,7 @@ def check_fit(parts: dict) -> None:
     sem, coarse, fine = parts["semantic"].cfg, parts["coarse"].cfg, parts["fine"] and parts["fine"].cfg
     checks = []
     for name, st in (("semantic", sem), ("coarse", coarse)):
-        checks += [(name, "mulan", "conditioning tokens", st.mulan_levels, mulan.num_tokens),
-                   (name, "mulan", "conditioning codebook size", st.mulan_codebook, mulan.codebook_size),
+        checks += [(name, "mulan", "conditioning codebook size", st.mulan_codebook, mulan.codebook_size),
                    (name, "semantic_tokenizer", "semantic vocabulary", st.semantic_codebook, sem_tok.codebook_size),
                    (name, "semantic_tokenizer", "semantic frame rate", st.semantic_rate, sem_tok.frame_rate)]
     for name, st in (("coarse", coarse), ("fine", fine)):
@@ -74,6 +73,9 @@ def check_fit(parts: dict) -> None:
         checks += [("coarse", "acoustic", "number of levels (an acoustic-role stage makes all)",
                     coarse.coarse_levels + coarse.fine_levels, codec.num_quantizers)]
     for name, st in (("semantic", sem), ("coarse", coarse)):
+        if st.mulan_levels > mulan.num_tokens:
+            raise UserError(f"the {name} stage reads {st.mulan_levels} conditioning tokens but the mulan part makes "
+                            f"{mulan.num_tokens}; use a {name} checkpoint trained on this MuLan's tokens")
         if st.semantic_tokens and st.semantic_tokens != sem_tok.fingerprint:
             raise UserError(f"the {name} stage was trained on the ids of semantic tokenizer {st.semantic_tokens}, "
                             f"not of this one ({sem_tok.fingerprint}); use the semantic_tokenizer it was trained "
@@ -225,7 +227,7 @@ class Pipeline:
         while out.shape[1] < total:
             ctx = out[:, -C:] if out.shape[1] > C else out   # keep at most C tokens of context
             new = min(W - ctx.shape[1], total - out.shape[1])
-            m = cond_at(out.shape[1] / rate).expand(len(out), -1)
+            m = cond_at(out.shape[1] / rate).expand(len(out), -1)[:, : stage.cfg.mulan_levels]
             out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g)], 1)
         return out
 
@@ -241,7 +243,7 @@ class Pipeline:
         while pos < n:
             a = max(0, min(pos - C, n - W)) if pos > 0 else 0
             end = min(a + W, n)
-            m = cond_at(pos / rate).expand(B, -1)
+            m = cond_at(pos / rate).expand(B, -1)[:, : stage.cfg.mulan_levels]
             new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
                                  prompt=out[..., a * r: pos * r], generator=g)
             out, pos = torch.cat([out, new], -1), end

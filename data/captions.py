@@ -100,3 +100,81 @@ def make_caption(meta: dict, rng: np.random.Generator) -> str:
     else:
         text = f"{cap_first(article(pick(rng, NOUNS)))} of {style} {played}; {', '.join(keep)}"
     return cap_first(text.strip())
+
+
+# ---------------------------------------------------------------- wider phrasings (training text only)
+# Nicknames and other words a listener might use; `describe` draws from these and the names above.
+NICKNAMES = {
+    "piano": ["keys", "ivories", "pianoforte", "upright piano"], "acoustic piano": ["grand"],
+    "electric piano": ["e-piano", "electric keys", "Wurlitzer"], "organ": ["Hammond", "B3", "organ"],
+    "church organ": ["cathedral organ", "organ pipes"], "accordion": ["squeezebox", "button box"],
+    "harmonica": ["mouth organ", "harp (harmonica)"], "nylon-string guitar": ["Spanish guitar", "gut-string guitar"],
+    "steel-string guitar": ["folk guitar", "flat-top guitar"], "jazz guitar": ["archtop guitar"],
+    "clean electric guitar": ["Strat", "clean guitar"], "overdriven guitar": ["driven guitar", "gritty guitar"],
+    "distorted guitar": ["fuzz guitar", "metal guitar"], "violin": ["violino", "solo violin"],
+    "fiddle": ["folk fiddle", "trad fiddle"], "cello": ["violoncello"], "double bass": ["upright", "bull fiddle"],
+    "harp": ["concert harp", "Celtic harp"], "string ensemble": ["string orchestra", "orchestral strings"],
+    "choir": ["chorus", "singers", "vocal group"], "trumpet": ["horn"], "flute": ["concert flute", "transverse flute"],
+    "tin whistle": ["penny whistle", "feadóg"], "recorder": ["blockflöte", "descant recorder"],
+    "pan flute": ["pan pipes", "syrinx"], "bagpipe": ["pipes", "highland pipes"], "banjo": ["five-string banjo"],
+    "vibraphone": ["vibraharp"], "marimba": ["mallets"], "koto": ["Japanese zither"],
+    "shakuhachi": ["bamboo flute"], "warm pad": ["ambient pad", "soft synth"], "drums": ["drum kit", "kit", "percussion"],
+    "synth bass": ["bass synth"], "electric bass": ["bass"], "string quartet": ["quartet of strings"],
+    "brass quartet": ["brass"], "woodwind quartet": ["wind quartet"], "recorder consort": ["recorder ensemble"],
+}
+BPM_FORMS = ["{bpm} bpm", "{bpm} BPM", "{bpm} beats per minute", "tempo {bpm}", "a pulse of {bpm}",
+             "{bpm} beats a minute", "about {bpm} bpm", "metronome at {bpm}", "{bpm}bpm"]
+PACE_WORDS = [(72, ["slow", "unhurried", "gentle", "laid-back", "stately"]),
+              (100, ["moderate", "relaxed", "walking-pace", "mid-tempo", "easygoing"]),
+              (130, ["upbeat", "lively", "brisk", "bouncy", "quick"]),
+              (1000, ["fast", "energetic", "driving", "rapid", "frantic"])]
+MOOD_WORDS = {"major": ["bright", "cheerful", "warm", "happy", "sunny", "uplifting", "carefree", "hopeful"],
+              "minor": ["melancholic", "dark", "wistful", "somber", "brooding", "mournful", "moody", "gloomy"]}
+TEXTURE_WORDS = {True: ["sparse", "intimate", "unaccompanied", "bare", "single-voiced"],
+                 False: ["rich", "layered", "full", "dense", "ensemble"]}
+
+
+def name_variant(name: str, rng: np.random.Generator) -> str:
+    """An instrument name, or sometimes one of its nicknames."""
+    options = NICKNAMES.get(name, [])
+    return pick(rng, options) if options and rng.random() < 0.35 else name
+
+
+def key_phrase(key: str, rng: np.random.Generator) -> str:
+    tonic, _, mode = key.partition(" ")
+    short = tonic + ("m" if mode == "minor" else "")
+    return pick(rng, [f"in {key}", f"{key} key", f"key: {key}", f"{tonic}-{mode}", f"in the key of {key}",
+                      f"{tonic} {mode[:3]}", f"in {short}"])
+
+
+def describe(meta: dict, rng: np.random.Generator) -> str:
+    """A caption in wider words than `make_caption`: nicknames, texture and mood words, bpm written several
+    ways, free clause order and partial descriptions (some captions name only the instruments, some only the
+    style and tempo). Used for MuLan training and for text-derived stage conditions; the corpus builder keeps
+    `make_caption`, so the corpus stays byte-identical."""
+    if rng.random() < 0.3:
+        return make_caption(meta, rng)
+    names = [name_variant(n, rng) for n in meta.get("instruments") or [meta["players"]]]
+    solo = len(set(meta.get("instruments") or [])) <= 1 and meta.get("source") != "groove"
+    bpm, mode = meta["tempo"], meta["mode"]
+    who = join_words(names) if len(names) > 1 else pick(rng, [names[0], article(names[0]), f"solo {names[0]}"])
+    clauses = {
+        "who": pick(rng, [who, f"{who} only" if solo else who, f"featuring {who}", f"{who} on the melody" if solo else f"{who} together"]),
+        "style": pick(rng, [meta["style"], meta.get("genre") or meta["style"], f"{meta['style']} style"]),
+        "tempo": pick(rng, [pick(rng, BPM_FORMS).format(bpm=bpm),
+                            f"{pick(rng, next(w for lim, w in PACE_WORDS if bpm < lim))} tempo",
+                            f"{pick(rng, next(w for lim, w in PACE_WORDS if bpm < lim))}, {pick(rng, BPM_FORMS).format(bpm=bpm)}"]),
+        "key": key_phrase(meta["key"], rng),
+        "mood": pick(rng, [f"{pick(rng, MOOD_WORDS[mode])}", f"{pick(rng, MOOD_WORDS[mode])} and {pick(rng, TEXTURE_WORDS[solo])}",
+                           f"{pick(rng, TEXTURE_WORDS[solo])} texture", f"{article(pick(rng, MOOD_WORDS[mode]))} vibe"]),
+        "meter": pick(rng, [f"{meta['meter']} time", f"in {meta['meter']}"]),
+    }
+    if meta.get("origin"):
+        clauses["origin"] = pick(rng, [f"from {meta['origin']}", f"{meta['origin']} folk"])
+    # always the players or the style, each other clause with some chance
+    kept = ["who"] if rng.random() < 0.85 else ["style"]
+    kept += [k for k in clauses if k not in kept and rng.random() < (0.7 if k in ("who", "style") else 0.45)]
+    order = list(rng.permutation(kept))
+    sep = pick(rng, [", ", "; ", " - ", ". ", " | "])
+    text = sep.join(clauses[k] for k in order)
+    return cap_first(text)

@@ -4,10 +4,16 @@
         [--acoustic PATH] [--semantic PATH] [--mulan PATH] [--seconds 10]
 
 Writes memory-mappable arrays (one row per clip, cropped or padded to `--seconds`):
-`acoustic.npy` [N, Q, T_a], `semantic.npy` [N, T_s], `mulan.npy` [N, Q_m] (int16) and
+`acoustic.npy` [N, Q, T_a], `semantic.npy` [N, T_s], `mulan.npy` [N, Q_m] (MuLan tokens of the
+clip's audio), `mulan_text.npy` [N, R, Q_m] (MuLan tokens of R captions of the clip: its own
+caption first, then R - 1 re-phrasings from its metadata by data.captions.describe) (int16) and
 `index.json` (clips with their split, the shapes, vocabularies and frame rates, and a hash of
 each tokenizer checkpoint). Appending to an existing cache is allowed only with the very
 same tokenizers: a cache never mixes tokens from different ones.
+
+    python -m data.tokenize --text-only --manifest ... --out cache/corpus [--mulan PATH] [--rephrasings 8]
+
+adds (or replaces) `mulan_text.npy` of an existing cache, with the MuLan that made its audio tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from data.manifest import SkipCounter, iter_audio, read_manifest
 
 ARRAYS = ("acoustic", "semantic", "mulan")
 BATCH = 8
+REPHRASINGS = 8
 
 
 def checkpoint_hash(path: str | Path) -> str:
@@ -47,6 +54,8 @@ class TokenCache:
             raise UserError(f"no token cache at {self.root}; make one with `python -m data.tokenize`")
         self.index = json.loads((self.root / "index.json").read_text())
         self.arrays = {k: np.load(self.root / f"{k}.npy", mmap_mode="r") for k in ARRAYS}
+        if (self.root / "mulan_text.npy").is_file():   # caches from before text conditions have none
+            self.arrays["mulan_text"] = np.load(self.root / "mulan_text.npy", mmap_mode="r")
         splits = np.array([c["split"] for c in self.index["clips"]])
         self.split_rows = {s: np.flatnonzero(splits == s) for s in ("train", "valid", "test")}
 
@@ -58,8 +67,25 @@ class TokenCache:
         sem = np.stack([self.arrays["semantic"][r, s: s + semantic_frames] for r, s in zip(rows, start_s)])
         ac = np.stack([self.arrays["acoustic"][r, :, s * ratio: (s + semantic_frames) * ratio]
                        for r, s in zip(rows, start_s)])
-        return {"semantic": torch.from_numpy(sem.astype(np.int64)), "acoustic": torch.from_numpy(ac.astype(np.int64)),
-                "mulan": torch.from_numpy(self.arrays["mulan"][rows].astype(np.int64))}
+        out = {"semantic": torch.from_numpy(sem.astype(np.int64)), "acoustic": torch.from_numpy(ac.astype(np.int64)),
+               "mulan": torch.from_numpy(self.arrays["mulan"][rows].astype(np.int64))}
+        if "mulan_text" in self.arrays:
+            out["mulan_text"] = torch.from_numpy(self.arrays["mulan_text"][rows].astype(np.int64))
+        return out
+
+
+@torch.no_grad()
+def text_tokens(mulan, rows: list[dict], rephrasings: int) -> np.ndarray:
+    """MuLan tokens of each row's caption and of `rephrasings - 1` re-phrasings from its metadata
+    -> [N, R, Q_m] int16. Re-phrasing r of clip i is drawn from default_rng([i, r]), so it is reproducible."""
+    from data.captions import describe
+    texts = []
+    for i, row in enumerate(rows):
+        has_meta = all(k in row for k in ("style", "players", "tempo", "key", "mode", "meter"))
+        texts += [row.get("caption", "")] + [describe(row, np.random.default_rng([i, r])) if has_meta
+                                             else row.get("caption", "") for r in range(1, rephrasings)]
+    tokens = [mulan.tokens(mulan.embed_text(texts[i:i + 256])) for i in range(0, len(texts), 256)]
+    return torch.cat(tokens).numpy().astype(np.int16).reshape(len(rows), rephrasings, -1)
 
 
 def describe(acoustic, semantic, mulan) -> dict:
@@ -71,7 +97,32 @@ def describe(acoustic, semantic, mulan) -> dict:
 
 
 @torch.no_grad()
-def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], seconds: float) -> int:
+def write_array(out: Path, name: str, array: np.ndarray) -> None:
+    tmp = out / f".{name}.tmp.npy"
+    np.save(tmp, array)
+    tmp.replace(out / f"{name}.npy")
+
+
+def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, rephrasings: int) -> None:
+    """Write mulan_text.npy for an existing cache; every clip of its index must be in the manifests."""
+    from audio_tokenizers.mulan import load_conditioner
+    cache = TokenCache(out)
+    made_by = cache.index["tokenizer_hashes"]["mulan"]
+    if checkpoint_hash(mulan_path or "pretrained/mulan") != made_by:
+        raise UserError(f"{out}'s audio tokens were made by another MuLan ({made_by}); pass that one as --mulan")
+    by_audio = {}
+    for m in manifests:
+        by_audio.update({r["audio"]: r for r in read_manifest(m)})
+    missing = [c["audio"] for c in cache.index["clips"] if c["audio"] not in by_audio]
+    if missing:
+        raise UserError(f"{len(missing)} clips of {out} are in none of the manifests (e.g. {missing[0]}); pass all of them")
+    rows = [by_audio[c["audio"]] for c in cache.index["clips"]]
+    write_array(out, "mulan_text", text_tokens(load_conditioner(mulan_path), rows, rephrasings))
+    print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
+
+
+def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], seconds: float,
+             rephrasings: int = REPHRASINGS) -> int:
     from audio_tokenizers.acoustic import load_acoustic
     from audio_tokenizers.mulan import load_conditioner
     from audio_tokenizers.semantic import load_semantic
@@ -87,7 +138,7 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
             raise UserError(f"{out} was made by other tokenizers ({old['tokenizer_hashes']} vs {hashes}); "
                             "use a new --out folder")
     n = int(seconds * acoustic.sample_rate)
-    skips, clips, arrays = SkipCounter(), [], {k: [] for k in ARRAYS}
+    skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in ARRAYS}
 
     def encode(batch: list[np.ndarray]) -> None:   # batches of clips: fewer, larger matrix products
         x = torch.from_numpy(np.stack(batch))[:, None]
@@ -104,6 +155,7 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
             batch.append(crop_or_pad(wav, n))
             clips.append({"audio": row["audio"], "caption": row.get("caption", ""),
                           "split": row.get("split", default_split)})
+            metas.append(row)
             if len(batch) == BATCH:
                 encode(batch)
         if batch:
@@ -111,13 +163,14 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
     if not clips:
         raise UserError(f"no readable audio in {', '.join(map(str, manifests))}; {skips.summary()}")
     out.mkdir(parents=True, exist_ok=True)
-    for k in ARRAYS:
+    arrays["mulan_text"] = text_tokens(mulan, metas, rephrasings)
+    if old is not None and not (out / "mulan_text.npy").is_file():
+        raise UserError(f"{out} has no text tokens yet; add them first with --text-only, then append")
+    for k in (*ARRAYS, "mulan_text"):
         new = np.stack(arrays[k])
         if old is not None:
             new = np.concatenate([np.load(out / f"{k}.npy"), new])
-        tmp = out / f".{k}.tmp.npy"
-        np.save(tmp, new)
-        tmp.replace(out / f"{k}.npy")
+        write_array(out, k, new)
     index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": hashes,
              "tokenizer_paths": {k: str(v) for k, v in paths.items()}, **describe(acoustic, semantic, mulan),
              "clips": (old["clips"] if old else []) + clips}
@@ -133,10 +186,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--acoustic"), ap.add_argument("--semantic"), ap.add_argument("--mulan")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rephrasings", type=int, default=REPHRASINGS, help="captions per clip in mulan_text.npy")
+    ap.add_argument("--text-only", action="store_true", help="only add text tokens to the existing cache --out")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.rephrasings < 1:
+        raise UserError("--rephrasings must be at least 1 (the clip's own caption)")
+    if args.text_only:
+        add_text_tokens(args.manifest, args.out, args.mulan, args.rephrasings)
+        return
     tokenize(args.manifest, args.out, {"acoustic": args.acoustic, "semantic": args.semantic, "mulan": args.mulan},
-             args.seconds)
+             args.seconds, args.rephrasings)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class StageConfig:
     heads: int = 4
     dropout: float = 0.0
     cond_dropout: float = 0.1         # condition replaced by null tokens, for classifier-free guidance
+    cond_source: str = "audio"        # training condition: MuLan tokens of the clip's audio, of its caption
+                                      # re-phrased (text: the cache's mulan_text), or either (mix)
+    cond_text_prob: float = 0.5       # mix: the chance a row gets text tokens
+    cond_level_dropout: float = 0.0   # the chance a row keeps only its first k MuLan levels (k in 1..Q_m-1)
     # training
     cache: str = "cache/corpus"
     out: str = "runs/stage"

@@ -28,8 +28,7 @@ from stages.base import StageConfig, build_stage, save_stage
 def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
     """Refuse a cache whose vocabularies, levels or frame rates differ from the stage's."""
     ix, wrong = cache.index, []
-    expect = [("mulan levels", cfg.mulan_levels, ix["mulan"]["levels"]),
-              ("mulan codebook", cfg.mulan_codebook, ix["mulan"]["codebook"]),
+    expect = [("mulan codebook", cfg.mulan_codebook, ix["mulan"]["codebook"]),
               ("semantic codebook", cfg.semantic_codebook, ix["semantic"]["codebook"]),
               ("semantic frame rate", cfg.semantic_rate, ix["semantic"]["frame_rate"]),
               ("acoustic codebook", cfg.acoustic_codebook, ix["acoustic"]["codebook"]),
@@ -38,6 +37,12 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
     made_by = ix["semantic"].get("fingerprint", "")   # caches from before fingerprints have none
     if cfg.semantic_tokens and made_by and cfg.semantic_tokens != made_by:
         wrong.append(f"semantic tokenizer {cfg.semantic_tokens} (config) vs {made_by} (cache)")
+    if cfg.mulan_levels > ix["mulan"]["levels"]:
+        wrong.append(f"mulan_levels = {cfg.mulan_levels} but the cache has {ix['mulan']['levels']} levels")
+    if cfg.cond_source not in ("audio", "text", "mix"):
+        wrong.append(f"cond_source={cfg.cond_source!r} is not audio, text or mix")
+    elif cfg.cond_source != "audio" and "mulan_text" not in cache.arrays:
+        wrong.append(f"cond_source={cfg.cond_source} needs text tokens (python -m data.tokenize --text-only ...)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
@@ -46,8 +51,9 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
 
 
 def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, batch: int, rank: int = 0,
-             world: int = 1, seed_offset: int = 0) -> tuple[dict, torch.Tensor]:
-    """The global batch of `step` (a function of seed and step only), this rank's share of it."""
+             world: int = 1, seed_offset: int = 0, train: bool = True) -> tuple[dict, torch.Tensor]:
+    """The global batch of `step` (a function of seed and step only), this rank's share of it. With
+    train=False the condition is left as it is (the clip's audio tokens) for the evaluation to choose."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + seed_offset)
     pick = rows[torch.randint(len(rows), (batch,), generator=g).numpy()]
     total = cache.arrays["semantic"].shape[1]
@@ -56,28 +62,80 @@ def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, b
     drop = torch.rand(batch, generator=g) < cfg.cond_dropout
     ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
     mine = slice(rank, None, world)
-    return cache.window(pick[mine], starts[mine], frames, ratio), drop[mine]
+    draws = condition_draws(cfg, g, batch)
+    b = cache.window(pick[mine], starts[mine], frames, ratio)
+    b["mulan"] = training_condition(b, cfg, *(d[mine] for d in draws)) if train else b["mulan"][:, : cfg.mulan_levels]
+    return b, drop[mine]
+
+
+def condition_draws(cfg: StageConfig, g: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
+    """Per row of the global batch: text or audio condition, which caption, how many levels kept, whether cut."""
+    use_text = torch.rand(batch, generator=g) < {"audio": 0.0, "text": 1.0, "mix": cfg.cond_text_prob}.get(cfg.cond_source, 0.0)
+    which = torch.randint(0, 1 << 30, (batch,), generator=g)
+    keep = torch.randint(1, max(2, cfg.mulan_levels), (batch,), generator=g)
+    cut = torch.rand(batch, generator=g) < cfg.cond_level_dropout
+    return use_text, which, keep, cut
+
+
+def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut) -> torch.Tensor:
+    """The MuLan tokens [B, Q_m] a training row is conditioned on: its audio's, or (cond_source text/mix) those
+    of one of its captions; rows that are `cut` keep only their first `keep` levels, the rest null (level
+    dropout). The draws come from the step's generator, so DDP ranks and a resumed run agree."""
+    m = b["mulan"][:, : cfg.mulan_levels]
+    if "mulan_text" in b:
+        text = b["mulan_text"][torch.arange(len(m)), which % b["mulan_text"].shape[1], : cfg.mulan_levels]
+        m = torch.where(use_text[:, None], text, m)
+    levels = torch.arange(cfg.mulan_levels)[None]
+    return torch.where(cut[:, None] & (levels >= keep[:, None]), cfg.mulan_codebook, m)
+
+
+def with_condition(b: dict, name: str, cfg: StageConfig) -> tuple[dict, torch.Tensor | None]:
+    """A held-out batch under one condition: the clip's audio tokens, another clip's (the next row's), the
+    null condition, or the text tokens of its own caption (text) or of a re-phrasing of it (text_new)."""
+    m, drop = b["mulan"][:, : cfg.mulan_levels], None
+    if name == "other":
+        m = m.roll(1, 0)
+    elif name == "null":
+        drop = torch.ones(len(m), dtype=torch.bool)
+    elif name in ("text", "text_new"):
+        m = b["mulan_text"][:, 0 if name == "text" else min(1, b["mulan_text"].shape[1] - 1), : cfg.mulan_levels]
+    return {**b, "mulan": m}, drop
+
+
+def condition_names(stage, cache: TokenCache) -> list[str]:
+    """The conditions a stage is scored under: the one it trains on first."""
+    if stage.role == "fine":
+        return ["audio"]
+    text = ["text", "text_new"] if "mulan_text" in cache.arrays else []
+    first = "text" if stage.cfg.cond_source != "audio" and text else "audio"
+    return [first] + [n for n in ["audio", "other", "null", *text] if n != first]
 
 
 @torch.no_grad()
-def evaluate(stage, cache: TokenCache, cfg: StageConfig, device: torch.device) -> dict:
-    """Held-out loss and next-token accuracy per level on fixed valid windows (condition kept)."""
+def evaluate(stage, cache: TokenCache, cfg: StageConfig, device: torch.device, conditions: list[str] | None = None) -> dict:
+    """Held-out loss and accuracy per level on fixed valid windows under the condition the stage trains on
+    (its audio tokens, or for cond_source text/mix its caption's), and for a stage that reads a condition the
+    loss under each other one ("cond/NAME": another clip's, null, text): null minus own is what it carries."""
     rows = cache.rows("valid") if len(cache.rows("valid")) else cache.rows("train")
-    model, totals = stage.model, {}
+    conditions = conditions or condition_names(stage, cache)
+    model, totals = stage.model, {name: {} for name in conditions}
     model.eval()
     for i in range(cfg.eval_batches):
-        b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991)
-        out = stage.loss(b, torch.zeros(len(b["mulan"]), dtype=torch.bool))
-        for level, (ce, correct, n) in out["per_level"].items():
-            t = totals.setdefault(level, [0.0, 0, 0])
-            t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
+        b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991, train=False)
+        for name in conditions:
+            out = stage.loss(*with_condition(b, name, cfg))
+            for level, (ce, correct, n) in out["per_level"].items():
+                t = totals[name].setdefault(level, [0.0, 0, 0])
+                t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
     model.train()
-    names = stage.level_names()
-    res = {f"loss/{names[l]}": round(v[0] / v[2], 4) for l, v in sorted(totals.items())}
-    res.update({f"acc/{names[l]}": round(v[1] / v[2], 4) for l, v in sorted(totals.items())})
-    n = sum(v[2] for v in totals.values())
-    res["loss"] = round(sum(v[0] for v in totals.values()) / n, 4)
-    res["acc"] = round(sum(v[1] for v in totals.values()) / n, 4)
+    names, main = stage.level_names(), totals[conditions[0]]
+    res = {f"loss/{names[l]}": round(v[0] / v[2], 4) for l, v in sorted(main.items())}
+    res.update({f"acc/{names[l]}": round(v[1] / v[2], 4) for l, v in sorted(main.items())})
+    n = sum(v[2] for v in main.values())
+    res["loss"] = round(sum(v[0] for v in main.values()) / n, 4)
+    res["acc"] = round(sum(v[1] for v in main.values()) / n, 4)
+    if len(conditions) > 1:
+        res.update({f"cond/{name}": round(sum(v[0] for v in t.values()) / n, 4) for name, t in totals.items()})
     return res
 
 

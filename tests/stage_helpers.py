@@ -5,7 +5,10 @@ from pathlib import Path
 import numpy as np
 
 
-def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), semantic_k=16, acoustic=(4, 32)):
+def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), semantic_k=16, acoustic=(4, 32),
+               text: bool = False):
+    """With `text`, also mulan_text.npy: 2 "captions" per clip whose tokens equal the audio tokens on the first
+    level and are 0 or 1 on the others (a text condition that carries what matters, worded two ways)."""
     rng = np.random.default_rng(0)
     ts = int(seconds * 25)
     m = rng.integers(0, mulan[1], (clips, mulan[0]))
@@ -17,6 +20,11 @@ def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), 
     np.save(root / "mulan.npy", m.astype(np.int16))
     np.save(root / "semantic.npy", sem.astype(np.int16))
     np.save(root / "acoustic.npy", ac.astype(np.int16))
+    if text:
+        t = np.zeros((clips, 2, mulan[0]), dtype=np.int64)
+        t[:, 1, 1:] = 1
+        t[:, :, 0] = m[:, None, 0]
+        np.save(root / "mulan_text.npy", t.astype(np.int16))
     splits = ["valid" if i % 6 == 0 else "train" for i in range(clips)]
     index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": {"acoustic": "a", "semantic": "s", "mulan": "m"},
              "acoustic": {"levels": acoustic[0], "codebook": acoustic[1], "frame_rate": 50.0, "sample_rate": 24000},

@@ -171,3 +171,40 @@ def test_cache_that_does_not_fit_is_refused(tmp_path, cache):
         check_cache(cfg_for("fine", tmp_path, fine_levels=4), cache)
     with pytest.raises(UserError, match="semantic tokenizer 0bad \\(config\\) vs 5e3a \\(cache\\)"):
         check_cache(cfg_for("coarse", tmp_path, semantic_tokens="0bad"), cache)
+
+
+def test_training_conditions_text_mix_and_level_dropout(tmp_path):
+    from stages.train import condition_draws, training_condition
+    cache = TokenCache(make_cache(tmp_path / "cache", text=True))
+    rows = cache.rows("train")
+    cfg = cfg_for("semantic", tmp_path, cond_source="text")
+    b, _ = batch_at(cache, rows, cfg, 3, 8)
+    assert b["mulan"].shape == (8, 3)
+    # text: the level-0 token equals the audio one by construction, the others come from the captions
+    audio_b, _ = batch_at(cache, rows, cfg_for("semantic", tmp_path), 3, 8)
+    assert torch.equal(b["mulan"][:, 0], audio_b["mulan"][:, 0]) and not torch.equal(b["mulan"], audio_b["mulan"])
+    g = torch.Generator().manual_seed(0)
+    mix = cfg_for("semantic", tmp_path, cond_source="mix", cond_text_prob=0.5, cond_level_dropout=1.0)
+    use_text, which, keep, cut = condition_draws(mix, g, 400)
+    assert 0.4 < use_text.float().mean() < 0.6 and cut.all() and set(keep.tolist()) == {1, 2}
+    m = training_condition({"mulan": torch.zeros(400, 3, dtype=torch.long),
+                            "mulan_text": torch.ones(400, 2, 3, dtype=torch.long)}, mix, use_text, which, keep, cut)
+    assert torch.equal(m[:, 0], use_text.long())                  # text rows carry text tokens
+    assert (m[:, 2] == 8).all() and torch.equal(m[:, 1] == 8, keep == 1)   # levels from k on are null
+    with pytest.raises(UserError, match="needs text tokens"):
+        check_cache(cfg_for("semantic", tmp_path, cond_source="text"), TokenCache(make_cache(tmp_path / "c2")))
+
+
+def test_conditioning_signal_of_a_stage_that_reads_its_condition(tmp_path):
+    from evaluation.conditioning import signal
+    cache = TokenCache(make_cache(tmp_path / "cache", text=True))
+    cfg = cfg_for("semantic", tmp_path, steps=100, eval_every=100, ckpt_every=100, lr=0.01, warmup=5,
+                  cond_source="mix", window_seconds=0.5)
+    stage = load_stage(train(cfg))
+    log = [json.loads(l) for l in (tmp_path / "semantic" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid"] for r in log if "valid" in r][-1]
+    assert {"cond/audio", "cond/other", "cond/null", "cond/text", "cond/text_new"} <= set(valid)
+    res = signal(stage, cache, np.arange(24), 0.12, batch=12)   # (the measure, on the clips it learned)
+    # 3 ids: the first is uniform, the step to the second is set by the first MuLan token (worth up to ln 3 / 3
+    # nats per id), the third follows: the audio and the text condition (same first token) carry it
+    assert res["null-audio"] > 0.1 and res["null-text"] > 0.1 and res["null-other"] < res["null-audio"]

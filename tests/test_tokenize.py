@@ -64,3 +64,24 @@ def test_command_line(parts, tmp_path):
     assert_clean_error(run_module("data.tokenize", "--manifest", str(parts / "none.jsonl"), "--out",
                                   str(tmp_path / "d"), "--acoustic", p["acoustic"], "--semantic", p["semantic"],
                                   "--mulan", p["mulan"]), "not found")
+
+
+def test_text_tokens_of_captions_and_rephrasings(parts, tmp_path):
+    from audio_tokenizers.mulan import load_conditioner
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", paths(parts), seconds=1.0, rephrasings=3)
+    cache = TokenCache(tmp_path / "cache")
+    text = cache.arrays["mulan_text"]
+    assert text.shape == (4, 3, 3)
+    mulan = load_conditioner(parts / "mulan")
+    own = mulan.tokens(mulan.embed_text(["tone 220", "tone 330", "tone 440", "tone 550"])).numpy()
+    assert (text[:, 0] == own).all()              # the first caption of a clip is its own
+    assert "mulan_text" in cache.window(cache.rows("train"), [0, 0, 0], 5, 4)
+    # --text-only rewrites them for an existing cache, refusing another MuLan's
+    (tmp_path / "cache" / "mulan_text.npy").unlink()
+    p = paths(parts)
+    proc = run_module("data.tokenize", "--text-only", "--manifest", str(parts / "m.jsonl"), "--out",
+                      str(tmp_path / "cache"), "--mulan", p["mulan"], "--rephrasings", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert TokenCache(tmp_path / "cache").arrays["mulan_text"].shape == (4, 2, 3)
+    assert_clean_error(run_module("data.tokenize", "--text-only", "--manifest", str(parts / "m.jsonl"), "--out",
+                                  str(tmp_path / "cache"), "--mulan", p["acoustic"]), "another MuLan")
