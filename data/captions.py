@@ -103,22 +103,23 @@ def make_caption(meta: dict, rng: np.random.Generator) -> str:
 
 
 # ---------------------------------------------------------------- wider phrasings (training text only)
-# Nicknames and other words a listener might use; `describe` draws from these and the names above.
+# Nicknames and other words a listener might use; `describe` draws from these and the names above. The
+# evaluation prompts (evaluation/prompts/new_phrasing.jsonl) use other ones, which no training text has.
 NICKNAMES = {
-    "piano": ["keys", "ivories", "pianoforte", "upright piano"], "acoustic piano": ["grand"],
-    "electric piano": ["e-piano", "electric keys", "Wurlitzer"], "organ": ["Hammond", "B3", "organ"],
-    "church organ": ["cathedral organ", "organ pipes"], "accordion": ["squeezebox", "button box"],
-    "harmonica": ["mouth organ", "harp (harmonica)"], "nylon-string guitar": ["Spanish guitar", "gut-string guitar"],
-    "steel-string guitar": ["folk guitar", "flat-top guitar"], "jazz guitar": ["archtop guitar"],
-    "clean electric guitar": ["Strat", "clean guitar"], "overdriven guitar": ["driven guitar", "gritty guitar"],
-    "distorted guitar": ["fuzz guitar", "metal guitar"], "violin": ["violino", "solo violin"],
-    "fiddle": ["folk fiddle", "trad fiddle"], "cello": ["violoncello"], "double bass": ["upright", "bull fiddle"],
+    "piano": ["pianoforte", "upright piano"], "acoustic piano": ["grand"],
+    "electric piano": ["e-piano", "Wurlitzer"], "organ": ["Hammond", "B3", "organ"],
+    "church organ": ["organ pipes"], "accordion": ["button box"],
+    "harmonica": ["mouth organ", "harp (harmonica)"], "nylon-string guitar": ["gut-string guitar"],
+    "steel-string guitar": ["folk guitar", "flat-top guitar"],
+    "clean electric guitar": ["Strat"], "overdriven guitar": ["driven guitar", "gritty guitar"],
+    "distorted guitar": ["metal guitar"], "violin": ["violino", "solo violin"],
+    "fiddle": ["folk fiddle"], "cello": ["violoncello"], "double bass": ["upright", "bull fiddle"],
     "harp": ["concert harp", "Celtic harp"], "string ensemble": ["string orchestra", "orchestral strings"],
     "choir": ["chorus", "singers", "vocal group"], "trumpet": ["horn"], "flute": ["concert flute", "transverse flute"],
-    "tin whistle": ["penny whistle", "feadóg"], "recorder": ["blockflöte", "descant recorder"],
-    "pan flute": ["pan pipes", "syrinx"], "bagpipe": ["pipes", "highland pipes"], "banjo": ["five-string banjo"],
-    "vibraphone": ["vibraharp"], "marimba": ["mallets"], "koto": ["Japanese zither"],
-    "shakuhachi": ["bamboo flute"], "warm pad": ["ambient pad", "soft synth"], "drums": ["drum kit", "kit", "percussion"],
+    "tin whistle": ["feadóg"], "recorder": ["blockflöte", "descant recorder"],
+    "pan flute": ["syrinx"], "banjo": ["bluegrass banjo"],
+    "vibraphone": ["vibraharp"], "koto": ["Japanese zither"],
+    "warm pad": ["soft synth"], "drums": ["drum kit", "kit", "percussion"],
     "synth bass": ["bass synth"], "electric bass": ["bass"], "string quartet": ["quartet of strings"],
     "brass quartet": ["brass"], "woodwind quartet": ["wind quartet"], "recorder consort": ["recorder ensemble"],
 }

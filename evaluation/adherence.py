@@ -47,16 +47,24 @@ def normalise_key(key: str) -> str:
 
 
 def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=None) -> dict:
-    """Accuracy of tempo, key and instrument against the rows' metadata (where the rows have it)."""
+    """Accuracy of tempo, key and instrument against the rows' metadata, each over the rows that state it
+    (`n_tempo`, ... say how many when not all do); `instrument_distinct_correct` counts the different
+    instruments recognised where asked for."""
     from evaluation.codec import mfcc_features
     out = {}
-    if all("tempo" in r for r in rows):
-        out["tempo_acc"] = float(np.mean([tempo_correct(estimate_tempo(w, sr), float(r["tempo"]))
-                                          for r, w in zip(rows, waves)]))
-    if all("key" in r for r in rows):
-        out["key_acc"] = float(np.mean([normalise_key(estimate_key(w, sr)) == normalise_key(r["key"])
-                                        for r, w in zip(rows, waves)]))
-    if classifier is not None and all("instrument_label" in r for r in rows):
-        pred = classifier.predict(np.stack([mfcc_features(w, sr) for w in waves]))
-        out["instrument_acc"] = float(np.mean(pred == np.array([r["instrument_label"] for r in rows])))
+    for field, name in (("tempo", "tempo"), ("key", "key"), ("instrument_label", "instrument")):
+        asked = [i for i, r in enumerate(rows) if field in r]
+        if not asked or (name == "instrument" and classifier is None):
+            continue
+        if name == "tempo":
+            ok = [tempo_correct(estimate_tempo(waves[i], sr), float(rows[i]["tempo"])) for i in asked]
+        elif name == "key":
+            ok = [normalise_key(estimate_key(waves[i], sr)) == normalise_key(rows[i]["key"]) for i in asked]
+        else:
+            pred = classifier.predict(np.stack([mfcc_features(waves[i], sr) for i in asked]))
+            ok = list(pred == np.array([rows[i]["instrument_label"] for i in asked]))
+            out["instrument_distinct_correct"] = len({rows[i]["instrument_label"] for i, good in zip(asked, ok) if good})
+        out[f"{name}_acc"] = float(np.mean(ok))
+        if len(asked) < len(rows):
+            out[f"n_{name}"] = len(asked)
     return out

@@ -10,6 +10,14 @@ mulan_text), over the stage's whole training window and over the first second al
 nothing but the condition tells the stage what to play). "null - X" is what condition X is worth;
 a negative value means the stage does better without it (it memorised the training clips'
 conditions instead of learning what they mean).
+
+    python -m evaluation.conditioning --stage semantic=PATH --cache cache/corpus \
+        --generate-from evaluation/prompts/new_phrasing.jsonl --labels corpus/train.jsonl
+
+also generates semantic ids (10 s, guidance 3) from each prompt and asks bag-of-tokens probes
+fitted on the cache's real train-split ids (labels from --labels) what they hear: instrument,
+tempo (four bands) and key, scored on the prompts that state them, beside the same probes on the
+real ids of held-out clips (the probe's own ceiling).
 """
 from __future__ import annotations
 
@@ -49,6 +57,52 @@ def signal(stage, cache, rows: np.ndarray, seconds: float, batch: int = 16) -> d
     return res
 
 
+def tempo_band(bpm: float) -> int:
+    return int(np.searchsorted([72, 100, 130], bpm, side="right"))
+
+
+def label_table(cache, manifests: list[Path]) -> list[dict | None]:
+    """The manifest row of each cache clip (matched by audio path), None where none has it."""
+    from data.manifest import read_manifest
+    by_audio = {r["audio"]: r for m in manifests for r in read_manifest(m)}
+    return [by_audio.get(c["audio"]) for c in cache.index["clips"]]
+
+
+@torch.no_grad()
+def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: list[dict], seconds: float = 10.0,
+                    guidance: float = 3.0, seed: int = 0) -> dict:
+    """Probe accuracy on semantic ids generated from `prompts`, and on held-out real ids, per attribute."""
+    from evaluation.semantic import bags
+    from stages.sampling import Sampling
+    k = stage.cfg.semantic_codebook
+    attrs = {"instrument": lambda r: r.get("instrument_label"), "tempo_band": lambda r: tempo_band(r["tempo"]) if "tempo" in r else None,
+             "key": lambda r: r.get("key")}
+    ids = cache.arrays["semantic"]
+    text = mulan.tokens(mulan.embed_text([p["caption"] for p in prompts]))[:, : stage.cfg.mulan_levels]
+    n = int(round(seconds * stage.cfg.semantic_rate))
+    gen = stage.generate(text, n, Sampling(guidance=guidance), generator=torch.Generator().manual_seed(seed))
+    out = {"prompts": len(prompts)}
+    for name, get in attrs.items():
+        train = [i for i in cache.rows("train") if labels[i] is not None and get(labels[i]) is not None]
+        held = [i for i in np.concatenate([cache.rows("valid"), cache.rows("test")]) if labels[i] is not None
+                and get(labels[i]) is not None]
+        asked = [j for j, p in enumerate(prompts) if get(p) is not None]
+        if not train or not asked:
+            continue
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
+        clf.fit(bags(torch.from_numpy(ids[train].astype(np.int64)), k), [get(labels[i]) for i in train])
+        pred = clf.predict(bags(gen[asked], k))
+        out[name] = {"generated": round(float(np.mean(pred == np.array([get(prompts[j]) for j in asked], dtype=object))), 4),
+                     "prompts": len(asked), "distinct_predicted": int(len(set(pred)))}
+        if held:
+            real = clf.predict(bags(torch.from_numpy(ids[held].astype(np.int64)), k))
+            out[name]["real_held_out"] = round(float(np.mean(real == np.array([get(labels[i]) for i in held], dtype=object))), 4)
+    return out
+
+
 def main() -> None:
     from data.tokenize import TokenCache
     from stages.base import load_stage
@@ -58,7 +112,13 @@ def main() -> None:
     ap.add_argument("--cache", required=True, help="the token cache it was trained on (held-out splits are scored)")
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--generate-from", type=Path, default=None, metavar="PROMPTS.jsonl",
+                    help="also probe semantic ids generated from these prompts (rows: caption, instrument_label, ...)")
+    ap.add_argument("--labels", type=Path, nargs="+", default=[], help="manifests with the cache clips' metadata")
+    ap.add_argument("--mulan", default="pretrained/mulan")
     args = ap.parse_args()
+    if args.generate_from and (not args.generate_from.is_file() or not args.labels):
+        raise UserError("--generate-from needs an existing prompts JSONL and --labels (e.g. corpus/train.jsonl)")
     torch.set_num_threads(2)
     cache = TokenCache(args.cache)
     rows = np.concatenate([cache.rows("valid"), cache.rows("test")])[: args.clips]
@@ -78,6 +138,12 @@ def main() -> None:
         results[name] = {"window": signal(stage, cache, rows, stage.cfg.window_seconds),
                          "first_second": signal(stage, cache, rows, 1.0)}
         print(name, json.dumps(results[name]), flush=True)
+        if args.generate_from and stage.role == "semantic":
+            from audio_tokenizers.mulan import load_conditioner
+            from evaluation.generate_and_score import load_prompts
+            results[name]["generated"] = generated_probe(stage, load_conditioner(args.mulan), cache,
+                                                         label_table(cache, args.labels), load_prompts(args.generate_from, 10**6))
+            print(name, "generated", json.dumps(results[name]["generated"]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -33,14 +33,17 @@ from data.audio import crop_or_pad, load_audio, write_wav
 from data.manifest import read_manifest
 
 TABLE_KEYS = ["fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "key_acc", "instrument_acc",
+              "instrument_distinct_correct",
               "ref_tempo_acc", "ref_key_acc", "ref_instrument_acc", "codec_mel_distance", "seconds_per_clip"]
 
 
 def load_prompts(path: Path, limit: int) -> list[dict]:
     if not path.is_file():
         raise UserError(f"prompts file {path} not found; give a JSONL manifest or a text file, one prompt per line")
-    if path.suffix == ".jsonl":
-        rows = [r for r in read_manifest(path) if r.get("caption", "").strip()]
+    if path.suffix == ".jsonl":   # a manifest (with reference audio) or prompts with metadata only
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_manifest(path) if lines and all("audio" in r for r in lines) else lines
+        rows = [r for r in rows if r.get("caption", "").strip()]
     else:
         rows = [{"caption": line.strip()} for line in path.read_text().splitlines() if line.strip()]
     if not rows:
@@ -132,7 +135,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 def instrument_classifier_for(args, rows, sr: int):
     from evaluation.codec import instrument_classifier
     train = args.train_manifest or args.prompts.parent / "train.jsonl"
-    if not all("instrument_label" in r for r in rows) or not train.is_file():
+    if not any("instrument_label" in r for r in rows) or not train.is_file():
         return None
     return instrument_classifier(read_manifest(train)[: args.train_clips], sr, 5.0)
 

@@ -5,6 +5,10 @@
 - text-to-audio retrieval with the clips' own captions: recall@1 and recall@10 (chance 1/n, 10/n);
 - the same with captions rephrased by templates that exist only here (never seen in training:
   other sentence shapes and other words), to see how much of the retrieval is template matching;
+- the same with "natural" captions (NATURAL_TEMPLATES): the instrument and the kind of music, a feeling
+  and a pace word, as a listener would write them, without the exact tempo (and mostly without the key);
+- zero-shot instrument recognition: each non-groove clip's label picked among every label of the
+  corpus by the cosine with sentences naming it (ZERO_SHOT_TEMPLATES), never seen in training;
 - first-level agreement of the conditioning tokens: how often the RVQ's first token of a
   clip's caption embedding equals that of its audio embedding, beside chance (the agreement
   of the two marginal token distributions if they were independent).
@@ -35,16 +39,58 @@ HELD_OUT_TEMPLATES = [
     "Music for {players}: {style}, {mood}",
 ]
 MOODS = {"major": "joyful", "minor": "sad"}
+# Like captions a person writes from listening: the instrument and the kind of music in their own words, a
+# feeling, a pace word instead of a number, seldom the key. Also never used in training.
+NATURAL_TEMPLATES = [
+    "{mood_cap} {style} on {players}",
+    "I'd like to hear {players} doing {style_a}, {pace}",
+    "{players_cap}, {pace} and {mood}",
+    "{style_cap} - {players} - kind of {mood}",
+    "Some {pace} {style} for {players}",
+    "{players_cap} with a {mood} {style} tune in {key}",
+]
+PACES = [(72, "slowly"), (100, "at an easy pace"), (130, "upbeat"), (1000, "very fast")]
+# Zero-shot instrument recognition: each label's name in sentences no training caption has.
+ZERO_SHOT_TEMPLATES = ["a lone {name} plays", "the sound of {name_a}", "nothing but {name_a}", "{name_cap} by itself"]
 
 
-def rephrase(row: dict, i: int) -> str:
+def rephrase(row: dict, i: int, templates: list[str] = HELD_OUT_TEMPLATES) -> str:
     """Caption i-th held-out template filled from a corpus clip's metadata."""
     style, players = row["style"], row["players"]
+    mood = MOODS.get(row.get("mode"), "calm")
     fields = {"style": style, "style_a": ("an " if style[:1].lower() in "aeiou" else "a ") + style,
               "style_cap": style[:1].upper() + style[1:], "players": players,
               "players_cap": players[:1].upper() + players[1:], "key": row["key"], "tempo": row["tempo"],
-              "meter": row["meter"], "mood": MOODS.get(row.get("mode"), "calm")}
-    return HELD_OUT_TEMPLATES[i % len(HELD_OUT_TEMPLATES)].format(**fields)
+              "meter": row["meter"], "mood": mood, "mood_cap": mood.capitalize(),
+              "pace": next(word for limit, word in PACES if row["tempo"] < limit)}
+    return templates[i % len(templates)].format(**fields)
+
+
+def label_name(label: str) -> str:
+    """An instrument label of the corpus (a GM name or an ensemble key) -> the words for it."""
+    from data.captions import ENSEMBLE_NAMES
+    return ENSEMBLE_NAMES[label][0] if label in ENSEMBLE_NAMES else label
+
+
+@torch.no_grad()
+def zero_shot_instrument(model, rows: list[dict], audio: torch.Tensor, labels: list[str], grooves: bool = False) -> dict:
+    """Accuracy of picking each clip's instrument label among `labels` (all the corpus has) by the cosine of its
+    audio embedding with the label's texts (mean over ZERO_SHOT_TEMPLATES). Grooves are left out unless
+    `grooves`: their label (the chord instrument) is one of four instruments playing."""
+    keep = [i for i, r in enumerate(rows) if (grooves or r.get("source") != "groove") and r.get("instrument_label") in labels]
+    if len(labels) < 2:
+        return {}
+    texts = []
+    for label in labels:
+        name = label_name(label)
+        fields = {"name": name, "name_a": ("an " if name[:1].lower() in "aeiou" else "a ") + name,
+                  "name_cap": name[:1].upper() + name[1:]}
+        texts += [t.format(**fields) for t in ZERO_SHOT_TEMPLATES]
+    t = model.embed_text(texts).reshape(len(labels), len(ZERO_SHOT_TEMPLATES), -1).mean(1)
+    pred = (audio[keep] @ t.t()).argmax(1)
+    truth = torch.tensor([labels.index(rows[i]["instrument_label"]) for i in keep])
+    return {"accuracy": round(float((pred == truth).float().mean()), 4), "clips": len(keep), "labels": len(labels),
+            "chance": round(1 / len(labels), 4)}
 
 
 def first_level_agreement(tok_text: torch.Tensor, tok_audio: torch.Tensor, k: int) -> dict[str, float]:
@@ -65,7 +111,7 @@ def held_out_rows(corpus: Path, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate_mulan(model, rows: list[dict]) -> dict:
+def evaluate_mulan(model, rows: list[dict], labels: list[str] | None = None) -> dict:
     audio, kept = [], []
     for row, wav in iter_audio(rows, model.sample_rate, SkipCounter()):
         audio.append(model.embed_audio(torch.from_numpy(wav)[None, None]))
@@ -80,7 +126,13 @@ def evaluate_mulan(model, rows: list[dict]) -> dict:
         t_re = torch.cat([model.embed_text(re[i:i + 64]) for i in range(0, len(re), 64)])
         out["rephrased"] = recall(t_re, a)
         out["rephrased_examples"] = re[:3]
+        nat = [rephrase(r, i, NATURAL_TEMPLATES) for i, r in enumerate(kept)]
+        out["natural"] = recall(torch.cat([model.embed_text(nat[i:i + 64]) for i in range(0, len(nat), 64)]), a)
+        out["natural_examples"] = nat[:3]
     out["tokens"] = first_level_agreement(model.tokens(t), model.tokens(a), model.codebook_size)
+    labels = labels or sorted({r["instrument_label"] for r in kept if "instrument_label" in r})
+    out["zero_shot_instrument"] = zero_shot_instrument(model, kept, a, labels)
+    out["zero_shot_instrument_with_grooves"] = zero_shot_instrument(model, kept, a, labels, grooves=True)
     return out
 
 
@@ -93,7 +145,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the result as JSON here too")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    result = evaluate_mulan(load_conditioner(args.checkpoint), held_out_rows(Path(args.corpus), args.clips))
+    corpus = Path(args.corpus)
+    labels = sorted({r["instrument_label"] for m in ("train", "valid", "test") if (corpus / f"{m}.jsonl").is_file()
+                     for r in read_manifest(corpus / f"{m}.jsonl") if "instrument_label" in r})
+    result = evaluate_mulan(load_conditioner(args.checkpoint), held_out_rows(corpus, args.clips), labels or None)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -208,3 +208,18 @@ def test_conditioning_signal_of_a_stage_that_reads_its_condition(tmp_path):
     # 3 ids: the first is uniform, the step to the second is set by the first MuLan token (worth up to ln 3 / 3
     # nats per id), the third follows: the audio and the text condition (same first token) carry it
     assert res["null-audio"] > 0.1 and res["null-text"] > 0.1 and res["null-other"] < res["null-audio"]
+    # generated ids, probed: label each clip by its cycle step; prompts ask for a step through the first token
+    from evaluation.conditioning import generated_probe
+
+    class Words:   # a stand-in MuLan: "step N" -> a first token that sets step N + 1
+        def embed_text(self, texts):
+            return torch.tensor([int(t.split()[1]) for t in texts])
+
+        def tokens(self, x):
+            return torch.stack([x, torch.zeros_like(x), torch.zeros_like(x)], 1)
+    # (a bag of ids tells step 2, which visits half of the 16 ids, from steps 1 and 3, which visit all)
+    labels = [{"instrument_label": str(int(m) % 3 == 1)} for m in cache.arrays["mulan"][:, 0]]
+    prompts = [{"caption": f"step {n}", "instrument_label": str(n % 3 == 1)} for n in range(8)] * 2
+    probe = generated_probe(stage, Words(), cache, labels, prompts, seconds=1.0)
+    assert probe["instrument"]["prompts"] == 16 and probe["instrument"]["generated"] > 0.8
+    assert "real_held_out" in probe["instrument"] and "tempo_band" not in probe
