@@ -44,11 +44,14 @@ class PipelineParts:
 
 @dataclass
 class GenerationOptions:
+    """Seed, guidance, and per-stage knobs (stages.sampling.Sampling fields) over each stage kind's defaults
+    (its `sampling_defaults`: e.g. temperature 0.95 for an autoregressive coarse stage, MAGNeT's annealed
+    temperature 3.0, top-p 0.9 and steps per level for a masked one)."""
     seed: int = 0
     guidance: float = 3.0
-    semantic: dict = field(default_factory=lambda: {"temperature": 1.0, "top_k": 0, "top_p": 1.0})
-    coarse: dict = field(default_factory=lambda: {"temperature": 0.95, "top_k": 0, "top_p": 1.0})
-    fine: dict = field(default_factory=lambda: {"temperature": 0.8, "top_k": 0, "top_p": 1.0})
+    semantic: dict = field(default_factory=dict)
+    coarse: dict = field(default_factory=dict)
+    fine: dict = field(default_factory=dict)
 
 
 def check_fit(parts: dict) -> None:
@@ -209,11 +212,14 @@ class Pipeline:
         fine = self._fine(coarse, s["fine"], None, g) if self.parts["fine"] is not None else coarse[:, :0]
         return torch.cat([coarse, fine], 1)
 
-    @staticmethod
-    def _sampling(o: GenerationOptions) -> dict:
+    def _sampling(self, o: GenerationOptions) -> dict:
         from stages.sampling import Sampling
-        return {k: Sampling(guidance=o.guidance if k != "fine" else 1.0, **getattr(o, k))
-                for k in ("semantic", "coarse", "fine")}
+        out = {}
+        for k in ("semantic", "coarse", "fine"):
+            stage = self.parts[k]
+            knobs = {**(stage.sampling_defaults() if stage is not None else {}), **getattr(o, k)}
+            out[k] = Sampling(**{"guidance": o.guidance if k != "fine" else 1.0, **knobs})
+        return out
 
     def _windows(self, stage) -> tuple[int, int]:
         w = max(2, int(round(stage.cfg.window_seconds * stage.cfg.semantic_rate)))

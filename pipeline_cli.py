@@ -27,6 +27,26 @@ def parse_story(items: list[str]) -> list[tuple[str, float]]:
     return story
 
 
+def check_knobs(args) -> None:
+    """Sampling knobs a run could not use, refused before anything loads."""
+    import math
+    for name in ("guidance", "guidance_end"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number (1 = no guidance), got {value}")
+    for stage in ("semantic", "coarse", "fine"):
+        t, k, p = (getattr(args, f"{stage}_{x}") for x in ("temperature", "top_k", "top_p"))
+        if t is not None and not (math.isfinite(t) and t >= 0):
+            raise UserError(f"--{stage}-temperature must be 0 (greedy) or more, got {t}")
+        if k is not None and k < 0:
+            raise UserError(f"--{stage}-top-k must be 0 (off) or more, got {k}")
+        if p is not None and not 0 < p <= 1:
+            raise UserError(f"--{stage}-top-p must be in (0, 1] (1 = off), got {p}")
+        steps = getattr(args, f"{stage}_steps")
+        if steps is not None and min(steps) < 1:
+            raise UserError(f"--{stage}-steps must be at least 1 per level, got {steps}")
+
+
 def part_paths(stage_items: list[str] = ()) -> dict[str, str]:
     """The checkpoint of each part: configs/pipeline.yaml, with `--stage NAME=PATH` items applied."""
     paths = dict(vars(load_config(PipelineParts, ROOT / "configs" / "pipeline.yaml")))
@@ -64,7 +84,12 @@ def main() -> None:
     for stage in ("semantic", "coarse", "fine"):
         for knob, tp in (("temperature", float), ("top-k", int), ("top-p", float)):
             ap.add_argument(f"--{stage}-{knob}", type=tp, default=None)
+        ap.add_argument(f"--{stage}-steps", type=int, nargs="+", default=None, metavar="N",
+                        help="masked stages: decoding steps per level")
+    ap.add_argument("--guidance-end", type=float, default=None,
+                    help="masked stages: anneal the guidance to this as the mask empties (MAGNeT: 1)")
     args = ap.parse_args()
+    check_knobs(args)
 
     if bool(args.text) == bool(args.story):
         raise UserError("give either --text (one or more prompts) or --story")
@@ -103,10 +128,12 @@ def main() -> None:
         args.duration = min(args.duration, ids.shape[1] / pipe.parts["semantic_tokenizer"].frame_rate)
     opts = GenerationOptions(seed=args.seed, guidance=args.guidance)
     for stage in ("semantic", "coarse", "fine"):
-        for knob in ("temperature", "top_k", "top_p"):
+        for knob in ("temperature", "top_k", "top_p", "steps"):
             value = getattr(args, f"{stage}_{knob}")
             if value is not None:
                 getattr(opts, stage)[knob] = value
+        if args.guidance_end is not None and stage != "fine":
+            getattr(opts, stage)["guidance_end"] = args.guidance_end
     texts = [t for t, _ in story] if story else args.text
     rows = 1 if story else len(texts)
     per = args.batch * args.rerank

@@ -22,7 +22,8 @@ from common.errors import CheckpointError
 
 # kind -> "module:Class"; a new kind adds a line here (the class lists the roles it can fill).
 STAGE_KINDS = {"semantic": "stages.semantic:SemanticStage", "coarse": "stages.coarse:CoarseStage",
-               "fine": "stages.fine:FineStage", "delay": "stages.delay:DelayStage"}
+               "fine": "stages.fine:FineStage", "delay": "stages.delay:DelayStage",
+               "masked": "stages.masked:MaskedStage"}
 ROLES = ("semantic", "coarse", "fine", "acoustic")
 
 
@@ -42,6 +43,8 @@ class StageConfig:
     window_seconds: float = 10.0      # training window; the fine stage uses ~3 s
     semantic_tokens: str = ""         # fingerprint of the semantic tokenizer whose ids trained it ("" = unchecked)
     semantic_input: bool = True       # frame-aligned acoustic kinds: sum the semantic ids into their frames
+    span: int = 3                     # masked kind: frames per masked span (MAGNeT: 3 = 60 ms at 50 Hz)
+    context_window: int = 5           # masked kind: levels above the first attend +-this many frames (0 = all)
     # the transformer
     dim: int = 256
     depth: int = 6
@@ -71,7 +74,7 @@ class StageConfig:
     threads: int = 2
 
 
-for _name in ("semantic", "coarse", "fine", "delay"):
+for _name in ("semantic", "coarse", "fine", "delay", "masked"):
     register_config(_name)(StageConfig)
 
 
@@ -91,6 +94,9 @@ class Stage(Protocol):
 
     def level_names(self) -> list[str]:
         """A name per level index of "per_level", for logs."""
+
+    def sampling_defaults(self) -> dict:
+        """The stages.sampling.Sampling knobs the pipeline uses for this stage unless told otherwise."""
 
     # and the generate of its role (shapes: B batch, Q_m MuLan tokens, T_s semantic ids, P prompt frames):
     #   semantic: generate(mulan [B, Q_m], n, s, prompt [B, P]) -> [B, n] new semantic ids

@@ -65,6 +65,10 @@ class DelayStage:
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
                                 self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout)
 
+    def sampling_defaults(self) -> dict:
+        """The pipeline's default knobs for this stage (GenerationOptions override them)."""
+        return {"temperature": 0.8 if self.role == "fine" else 0.95}
+
     def level_names(self) -> list[str]:
         names = [f"coarse{q}" for q in range(self.cfg.coarse_levels)] + [f"fine{q}" for q in range(self.cfg.fine_levels)]
         return names[self.lo:self.hi]

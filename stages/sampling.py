@@ -1,7 +1,7 @@
 """Sampling: small plain functions and one dataclass for all the knobs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,10 +14,14 @@ class Sampling:
     top_k: int | list = 0          # 0: off
     top_p: float | list = 1.0      # 1.0: off
     guidance: float = 1.0          # classifier-free guidance scale; 1.0: off
+    # masked (MAGNeT) decoding only
+    steps: int | list = 10         # decoding steps per level (the paper: [20, 10, 10, 10])
+    guidance_end: float | None = None   # anneal guidance to this as the mask empties (the paper: 10 -> 1)
+    anneal_temperature: bool = True     # temperature falls linearly to 0 over each level's steps
 
     def at_level(self, k: int) -> "Sampling":
         pick = lambda v: v[min(k, len(v) - 1)] if isinstance(v, (list, tuple)) else v  # noqa: E731
-        return Sampling(pick(self.temperature), pick(self.top_k), pick(self.top_p), self.guidance)
+        return replace(self, temperature=pick(self.temperature), top_k=pick(self.top_k), top_p=pick(self.top_p))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

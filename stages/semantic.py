@@ -25,6 +25,10 @@ class Flattened:
     def role(self) -> str:
         return self.cfg.role
 
+    def sampling_defaults(self) -> dict:
+        """The pipeline's default knobs for this stage (GenerationOptions override them)."""
+        return {"temperature": {"semantic": 1.0, "coarse": 0.95, "fine": 0.8}[self.role]}
+
     def loss(self, batch, drop_cond, model=None) -> dict:
         device = self.model.offsets.device
         tokens, levels, predict = (t.to(device) for t in self.training_sequence(batch, drop_cond))

@@ -122,6 +122,12 @@ def test_pipeline_runs_delay_stages_in_every_slot(parts, tmp_path):
     assert single.parts["fine"] is None
     single.generate(["calm piano"], 1.0)
     assert single.last_codes["acoustic"].shape == (1, 4, 100)
+    for role in ("coarse", "fine"):                                      # the masked kind, through the same slots
+        cfg = load_config(StageConfig, ROOT / "configs/debug/masked.yaml", [f"role={role}", "acoustic_rate=100"])
+        save_stage(build_stage(cfg), tmp_path / f"masked_{role}")
+    masked = Pipeline(load_parts(paths(parts, coarse=tmp_path / "masked_coarse", fine=tmp_path / "masked_fine")))
+    masked.generate(["calm piano"], 1.5, options=GenerationOptions(coarse={"steps": [3, 2]}, fine={"steps": 2}))
+    assert masked.last_codes["acoustic"].shape == (1, 4, 152) and (masked.last_codes["acoustic"] >= 0).all()
     ids = torch.randint(0, 16, (1, 30))                                # --semantic-from: the ids are used as given
     mixed.generate(["calm piano"], 5.0, semantic_ids=ids)
     assert torch.equal(mixed.last_codes["semantic"], ids) and mixed.last_codes["acoustic"].shape[-1] == 120

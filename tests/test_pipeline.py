@@ -92,7 +92,8 @@ def test_stage_trained_on_another_semantic_tokenizer_is_refused(parts, tmp_path,
 
 
 @pytest.mark.parametrize("case", ["empty", "zero", "long", "stage_name", "missing", "truncated", "wrong_kind",
-                                  "bad_prompt", "silent_prompt", "unwritable", "story"])
+                                  "bad_prompt", "silent_prompt", "unwritable", "story", "top_p_zero", "guidance_nan",
+                                  "negative_temperature", "zero_steps", "semantic_from_bad", "two_sources"])
 def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o.wav"
     args = ["--text", "calm piano", "--duration", "1", "--out", out]
@@ -125,6 +126,15 @@ def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypa
         args[5] = tmp_path / "no" / "dir" / "o.wav"
     elif case == "story":
         args = ["--story", "calm:3", "drums:0", "--out", out]
+    elif case in ("top_p_zero", "guidance_nan", "negative_temperature", "zero_steps"):
+        args += {"top_p_zero": ["--coarse-top-p", "0"], "guidance_nan": ["--guidance", "nan"],
+                 "negative_temperature": ["--semantic-temperature", "-1"], "zero_steps": ["--fine-steps", "4", "0"]}[case]
+    elif case == "semantic_from_bad":
+        (tmp_path / "s.wav").write_bytes(b"nope")
+        args += ["--semantic-from", tmp_path / "s.wav"]
+    elif case == "two_sources":
+        sf.write(tmp_path / "p.wav", np.sin(np.arange(24000) / 10).astype(np.float32) * 0.3, 24000)
+        args += ["--prompt-audio", tmp_path / "p.wav", "--semantic-from", tmp_path / "p.wav"]
     code, stdout, err = cli(monkeypatch, capsys, *args, *[a for a in stage_args(parts, **swap)
                                                           if not (case == "stage_name" and False)])
     lines = [l for l in err.strip().splitlines() if l.strip()]

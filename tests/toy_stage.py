@@ -17,6 +17,9 @@ class ToyStage:
         self.ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
         self.model = nn.Embedding(cfg.semantic_codebook, cfg.coarse_levels * cfg.acoustic_codebook)
 
+    def sampling_defaults(self):
+        return {}
+
     def level_names(self):
         return [f"coarse{q}" for q in range(self.cfg.coarse_levels)]
 
