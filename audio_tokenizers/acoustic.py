@@ -28,7 +28,8 @@ from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import griffin_lim, mel_filters, stft
 from common.checkpoint import hf_model_type, load_checkpoint, read_header
 from common.config import config_from_dict, register_config
-from common.errors import AudioError, CheckpointError
+from common.errors import AudioError, CheckpointError, ConfigError
+from common.training import RunConfig, check_fields
 from data.audio import resample
 
 LOG_FLOOR = math.log(1e-5)
@@ -37,7 +38,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "acous
 
 @register_config("acoustic")
 @dataclass
-class AcousticConfig:
+class AcousticConfig(RunConfig):
     backend: str = "spectral"          # "spectral" or "encodec"
     sample_rate: int = 24000
     num_quantizers: int = 8
@@ -61,21 +62,24 @@ class AcousticConfig:
     # training
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"
-    out: str = "runs/acoustic"
-    steps: int = 20000
-    batch_size: int = 16
     crop_seconds: float = 2.0
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 500
-    grad_clip: float = 1.0
-    log_every: int = 50
-    eval_every: int = 1000
-    ckpt_every: int = 500
     eval_clips: int = 16
     eval_seconds: float = 4.0
-    seed: int = 0
-    threads: int = 2
+    # the run fields (common.training.RunConfig), with this part's defaults
+    out: str = "runs/acoustic"
+    steps: int = 20000
+    lr: float = 1e-3
+    warmup: int = 500
+    eval_every: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, positive=("sample_rate", "num_quantizers", "codebook_size", "n_fft", "hop", "dim",
+                                     "latent_dim", "crop_seconds", "eval_clips", "eval_seconds"),
+                     at_least_zero=("encoder_blocks", "decoder_blocks", "griffin_lim_iters", "commit_weight"),
+                     unit=("quantizer_dropout", "ema_decay"))
+        if self.backend not in ("spectral", "encodec"):
+            raise ConfigError(f"backend={self.backend!r}: use spectral or encodec")
 
 
 # ---------------------------------------------------------------- the spectral codec
@@ -253,6 +257,7 @@ def main() -> None:
     tr = sub.add_parser("train", help="train a codec on a manifest")
     tr.add_argument("--config", default="configs/acoustic.yaml")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
     tr.add_argument("overrides", nargs="*", help="key=value")
     rt = sub.add_parser("roundtrip", help="encode and decode one file")
     rt.add_argument("input")
@@ -262,7 +267,7 @@ def main() -> None:
     args = parse_args_with_overrides(ap)
     if args.command == "train":
         from audio_tokenizers.acoustic_train import train
-        train(load_config(AcousticConfig, args.config, args.overrides), resume=args.resume)
+        train(load_config(AcousticConfig, args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
         return
     tok = load_acoustic(args.checkpoint)
     levels = args.levels or tok.num_quantizers

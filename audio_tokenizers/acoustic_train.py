@@ -1,31 +1,25 @@
-"""Training loop of the acoustic codec (both backends): `python -m audio_tokenizers.acoustic train`.
+"""Training the acoustic codec (both backends) on the one loop of common/training.py:
+`python -m audio_tokenizers.acoustic train`.
 
 Random crops from a manifest, AdamW with warmup + cosine, reconstruction + commitment
 losses, held-out metrics every `eval_every` steps (multi-resolution log-mel distance at 2, 4
-and all levels, SI-SNR for EnCodec, per-level codebook perplexity) appended to
-`out/metrics.jsonl`, checkpoints to `out/last` every `ckpt_every` steps and on SIGINT/SIGTERM.
+and all levels, SI-SNR for EnCodec, codes used per level) appended to `out/metrics.jsonl`,
+checkpoints to `out/last` every `ckpt_every` steps and on SIGINT/SIGTERM. Under torchrun the RVQ
+makes the codebook updates of the whole global batch on every rank (audio_tokenizers/rvq.py).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from audio_tokenizers.acoustic import AcousticConfig, build_codec, tokenizer_for
-from common.config import config_to_dict, format_config
 from common.errors import UserError
-from common.training import StopFlag, log_jsonl, optimizer_step, resume_run, save_run, warmup_cosine
+from common.training import run, step_generator
 from data.audio import crop_or_pad
 from data.dataset import ClipDataset
 from data.manifest import SkipCounter, iter_audio, read_manifest
 from evaluation.metrics import mel_distance, si_snr
-
-
-def lr_at(step: int, cfg: AcousticConfig) -> float:
-    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
 
 
 def eval_set(cfg: AcousticConfig) -> torch.Tensor:
@@ -60,56 +54,55 @@ def evaluate(model, clips: torch.Tensor, cfg: AcousticConfig) -> dict[str, float
     return out
 
 
-def train(cfg: AcousticConfig, resume: bool = False) -> Path:
-    torch.set_num_threads(cfg.threads)
-    print(format_config(cfg), flush=True)
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed)
-    model = build_codec(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.8, 0.99))
-    step = 0
-    if resume:
-        step = resume_run(out, model_kind(cfg), model, opt)["step"]
-    rows = read_manifest(cfg.train_manifest)
-    data = ClipDataset(rows, cfg.sample_rate, int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
-    clips = eval_set(cfg)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-          f"{len(rows)} training clips; {len(clips)} held-out clips", flush=True)
+class CodecLoss(torch.nn.Module):
+    """What DDP wraps: a forward that is the codec's training loss (the codec is its only submodule, so its
+    weights are saved and shared unprefixed)."""
 
-    stop = StopFlag()
+    def __init__(self, codec: torch.nn.Module):
+        super().__init__()
+        self.codec = codec
 
-    def save() -> None:
-        save_run(out, model_kind(cfg), config_to_dict(cfg), model, opt, step)
+    def forward(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        if hasattr(self.codec, "training_loss"):
+            return self.codec.training_loss(wav)
+        return spectral_loss(self.codec, wav)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="acoustic", mininterval=5.0)
-    model.train()
-    t0, seen = time.time(), 0
-    while step < cfg.steps and not stop.now:
-        data.epoch = step  # a new crop per step, reproducible on resume
-        idx = np.random.randint(0, len(data), cfg.batch_size)
-        wav = torch.stack([data[int(i)] for i in idx])
-        losses = model.training_loss(wav[:, 0]) if hasattr(model, "training_loss") else spectral_loss(model, wav[:, 0])
+
+class CodecTask:
+    """The codec as a task of the one training loop (common/training.py)."""
+
+    def __init__(self, cfg: AcousticConfig):
+        self.cfg, self.kind = cfg, model_kind(cfg)
+        torch.manual_seed(cfg.seed)
+        self.model = build_codec(cfg)
+        self.train_module = CodecLoss(self.model)
+        rows = read_manifest(cfg.train_manifest)
+        self.data = ClipDataset(rows, cfg.sample_rate, int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
+        self.clips = eval_set(cfg)
+        print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters; "
+              f"{len(rows)} training clips; {len(self.clips)} held-out clips", flush=True)
+
+    def loss(self, model, step: int, micro: int, rank: int, world: int):
+        g = step_generator(self.cfg.seed, step, micro)
+        idx = torch.randint(len(self.data), (self.cfg.batch_size,), generator=g)[rank::world]
+        self.data.epoch = step * self.cfg.grad_accum + micro   # a new crop per step, reproducible on resume
+        wav = torch.stack([self.data[int(i)] for i in idx])[:, 0]
+        losses = model(wav)
         loss = sum(v for k, v in losses.items() if not k.startswith("_"))
-        optimizer_step(model, opt, loss, lr_at(step, cfg), cfg.grad_clip)
-        step += 1
-        seen += wav.numel()
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            record = {"step": step, "loss": float(loss), "lr": lr_at(step, cfg),
-                      "audio_s_per_s": seen / cfg.sample_rate / (time.time() - t0),
-                      **{k.lstrip("_"): float(v) if v.numel() == 1 else [round(float(x), 1) for x in v]
-                         for k, v in losses.items()}}
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-            log_jsonl(out, record)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            log_jsonl(out, {"step": step, "eval": evaluate(model, clips, cfg), "skipped": data.skips.summary()},
-                      echo=True)
-        if step % cfg.ckpt_every == 0:
-            save()
-    save()
-    bar.close()
-    print(f"saved {out / 'last'} at step {step}; {data.skips.summary()}", flush=True)
-    return out / "last"
+        logs = {k.lstrip("_"): float(v) if v.numel() == 1 else [round(float(x), 1) for x in v] for k, v in losses.items()}
+        return loss, {**logs, "_seen": wav.numel() / self.cfg.sample_rate}
+
+    def evaluate(self, model) -> dict:
+        return {**evaluate(model, self.clips, self.cfg), "skipped": self.data.skips.summary()}
+
+    def finish(self, model) -> Path:
+        out = Path(self.cfg.out) / "last"
+        print(f"saved {out} at step {self.cfg.steps}; {self.data.skips.summary()}", flush=True)
+        return out
+
+
+def train(cfg: AcousticConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    return run(CodecTask(cfg), cfg, resume, stop_after, betas=(0.8, 0.99))
 
 
 def spectral_loss(model, wav: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,13 +28,14 @@ from audio_tokenizers.spectral import log_mel
 from common.checkpoint import hf_model_type, load_checkpoint
 from common.config import config_from_dict, register_config
 from common.errors import CheckpointError, UserError
+from common.training import RunConfig, check_fields
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "mulan"
 
 
 @register_config("mulan")
 @dataclass
-class MuLanConfig:
+class MuLanConfig(RunConfig):
     sample_rate: int = 24000
     embed_dim: int = 128
     # audio tower
@@ -53,23 +54,25 @@ class MuLanConfig:
     # conditioning tokens
     rvq_levels: int = 12
     rvq_codebook_size: int = 1024
-    # training
+    dropout: float = 0.1               # in both towers (0 for runs that must match across DDP ranks exactly)
+    # training (and the run fields: common.training.RunConfig, with this part's defaults)
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"
+    eval_clips: int = 200
+    rvq_crops_per_clip: int = 4
     out: str = "runs/mulan"
     steps: int = 3000
     batch_size: int = 64
     lr: float = 5e-4
-    weight_decay: float = 0.01
     warmup: int = 200
-    grad_clip: float = 1.0
-    log_every: int = 50
-    eval_every: int = 500
     ckpt_every: int = 250
-    eval_clips: int = 200
-    rvq_crops_per_clip: int = 4
-    seed: int = 0
-    threads: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, positive=("sample_rate", "embed_dim", "n_mels", "audio_dim", "audio_layers", "audio_heads",
+                                     "crop_seconds", "vocab_size", "text_dim", "text_layers", "text_heads",
+                                     "max_text_tokens", "rvq_levels", "rvq_codebook_size", "eval_clips"),
+                     at_least_zero=("rvq_crops_per_clip",), unit=("dropout",))
 
 
 class AudioTower(nn.Module):
@@ -80,7 +83,8 @@ class AudioTower(nn.Module):
         self.front = nn.Sequential(nn.Conv1d(cfg.n_mels, d, 3, stride=2, padding=1), nn.GELU(),
                                    nn.Conv1d(d, d, 3, stride=2, padding=1), nn.GELU())
         self.pos = nn.Parameter(torch.randn(1024, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, cfg.audio_heads, 4 * d, dropout=0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(d, cfg.audio_heads, 4 * d, dropout=cfg.dropout, batch_first=True,
+                                           norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.audio_layers, enable_nested_tensor=False)
         self.proj = nn.Linear(d, cfg.embed_dim)
 
@@ -116,7 +120,8 @@ class TextTower(nn.Module):
             self.encoder = BertModel(BertConfig(vocab_size=self.spm.get_piece_size(), hidden_size=cfg.text_dim,
                                                 num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                                                 intermediate_size=4 * cfg.text_dim,
-                                                max_position_embeddings=cfg.max_text_tokens + 2, pad_token_id=0),
+                                                max_position_embeddings=cfg.max_text_tokens + 2, pad_token_id=0,
+                                                hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout),
                                      add_pooling_layer=False)
             width = cfg.text_dim
         self.proj = nn.Linear(width, cfg.embed_dim)

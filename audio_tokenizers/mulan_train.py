@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,9 @@ from tqdm import tqdm
 
 from audio_tokenizers.mulan import MuLan, MuLanConfig
 from common.checkpoint import save_checkpoint
-from common.config import config_to_dict, format_config
+from common.config import config_to_dict
 from common.errors import UserError
-from common.training import StopFlag, log_jsonl, optimizer_step, resume_run, save_run, warmup_cosine
+from common.training import run, step_generator
 from data import captions as cap
 from data.audio import crop_or_pad
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -27,12 +26,14 @@ from data.dataset import ClipDataset
 
 
 def train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
+    import contextlib
+
     import sentencepiece as spm
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "captions.txt").write_text("\n".join(texts) + "\n")
+    with tempfile.TemporaryDirectory() as d, contextlib.chdir(d):   # relative paths: the model records them,
+        (Path(d) / "captions.txt").write_text("\n".join(texts) + "\n")    # and a temp folder's name differs per run
         if vocab_size < 400:  # byte fallback alone takes 256 pieces
             raise UserError(f"vocab_size={vocab_size} is too small for a byte-fallback vocabulary; use at least 400")
-        spm.SentencePieceTrainer.train(input=str(Path(d) / "captions.txt"), model_prefix=str(Path(d) / "spm"),
+        spm.SentencePieceTrainer.train(input="captions.txt", model_prefix="spm",
                                        vocab_size=vocab_size, model_type="unigram", pad_id=0, unk_id=1,
                                        bos_id=-1, eos_id=-1, byte_fallback=True, character_coverage=1.0,
                                        hard_vocab_limit=False, minloglevel=2)
@@ -49,6 +50,7 @@ def fresh_caption(row: dict, rng: np.random.Generator) -> str:
 @torch.no_grad()
 def retrieval(model: MuLan, rows: list[dict], texts: list[str] | None = None) -> dict[str, float]:
     """Text-to-audio retrieval among the given clips: recall@1, recall@10 (chance = 1/n, 10/n)."""
+    was = model.training
     model.eval()
     audio, kept = [], []
     for row, wav in iter_audio(rows, model.sample_rate, SkipCounter()):
@@ -57,7 +59,7 @@ def retrieval(model: MuLan, rows: list[dict], texts: list[str] | None = None) ->
     a = torch.cat(audio)
     t = torch.cat([model.embed_text((texts or [r["caption"] for r in kept])[i:i + 64])
                    for i in range(0, len(kept), 64)])
-    model.train()
+    model.train(was)
     return {"n": len(kept), **recall(t, a)}
 
 
@@ -68,60 +70,74 @@ def recall(t: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
     return {"recall@1": float(hit[:, :1].any(1).float().mean()), "recall@10": float(hit[:, :10].any(1).float().mean())}
 
 
-def train(cfg: MuLanConfig, resume: bool = False) -> Path:
-    torch.set_num_threads(cfg.threads)
-    print(format_config(cfg), flush=True)
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed)
-    rows = [r for r in read_manifest(cfg.train_manifest) if r.get("caption", "").strip()]
-    if not rows:
-        raise UserError(f"{cfg.train_manifest} has no captioned clips; MuLan needs (clip, caption) pairs")
-    rng = np.random.default_rng(cfg.seed)
-    proto = None
-    if not cfg.text_pretrained_path:
-        proto = train_sentencepiece([r["caption"] for r in rows] + [fresh_caption(r, rng) for r in rows],
-                                    cfg.vocab_size)
-    model = MuLan(cfg, proto)
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    if resume:
-        step = resume_run(out, "mulan", model, opt)["step"]
-    data = ClipDataset(rows, cfg.sample_rate, int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
-    valid = read_manifest(cfg.valid_manifest)[: cfg.eval_clips]
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {len(rows)} captioned clips",
-          flush=True)
-    stop, t0 = StopFlag(), time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="mulan", mininterval=5.0)
-    while step < cfg.steps and not stop.now:
-        data.epoch = step
-        idx = np.random.randint(0, len(rows), cfg.batch_size)
-        wav = torch.stack([data[int(i)] for i in idx])[:, 0]
-        step_rng = np.random.default_rng([cfg.seed, step])
-        texts = [fresh_caption(rows[int(i)], step_rng) for i in idx]
-        a, t = model.audio(wav), model.text(texts)
-        logits = model.logit_scale.exp().clamp(max=100) * a @ t.t()
-        target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        optimizer_step(model, opt, loss, warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps), cfg.grad_clip)
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log_jsonl(out, {"step": step, "loss": loss.item(), "temperature": float(1 / model.logit_scale.exp()),
-                            "elapsed_s": round(time.time() - t0, 1)})
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            log_jsonl(out, {"step": step, "valid": retrieval(model, valid)}, echo=True)
-        if step % cfg.ckpt_every == 0:
-            save_run(out, "mulan", config_to_dict(cfg), model, opt, step)
-    save_run(out, "mulan", config_to_dict(cfg), model, opt, step)
-    bar.close()
-    if stop.now:
-        print(f"stopped at step {step}; continue with --resume", flush=True)
-        return out / "last"
-    fit_tokens(model, rows, cfg)
-    save_checkpoint(out / "model", "mulan", config_to_dict(cfg), model.state_dict())
-    print(f"saved {out / 'model'}", flush=True)
-    return out / "model"
+class MuLanLoss(torch.nn.Module):
+    """What DDP wraps: symmetric InfoNCE of a batch of (audio crop, caption) pairs. Under DDP each rank embeds
+    its rows and gathers every rank's embeddings (with their gradients), so the logits are the global batch's
+    and the loss is the one a single process would compute."""
+
+    def __init__(self, model: MuLan):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wav: torch.Tensor, texts: list[str], rank: int, world: int) -> torch.Tensor:
+        a, t = self.model.audio(wav), self.model.text(texts)
+        if world > 1:
+            from torch.distributed.nn.functional import all_gather
+            everyone = lambda x: torch.stack(all_gather(x), 1).reshape(-1, x.shape[-1])  # noqa: E731 (global order)
+            a_all, t_all = everyone(a), everyone(t)
+        else:
+            a_all, t_all = a, t
+        target = torch.arange(len(a)) * world + rank          # where this rank's rows sit in the global batch
+        scale = self.model.logit_scale.exp().clamp(max=100)
+        return (F.cross_entropy(scale * a @ t_all.t(), target) + F.cross_entropy(scale * t @ a_all.t(), target)) / 2
+
+
+class MuLanTask:
+    """MuLan as a task of the one training loop (common/training.py)."""
+    kind = "mulan"
+
+    def __init__(self, cfg: MuLanConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.rows = [r for r in read_manifest(cfg.train_manifest) if r.get("caption", "").strip()]
+        if not self.rows:
+            raise UserError(f"{cfg.train_manifest} has no captioned clips; MuLan needs (clip, caption) pairs")
+        rng = np.random.default_rng(cfg.seed)
+        proto = None
+        if not cfg.text_pretrained_path:
+            proto = train_sentencepiece([r["caption"] for r in self.rows] + [fresh_caption(r, rng) for r in self.rows],
+                                        cfg.vocab_size)
+        self.model = MuLan(cfg, proto)
+        self.train_module = MuLanLoss(self.model)
+        self.data = ClipDataset(self.rows, cfg.sample_rate, int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
+        self.valid = read_manifest(cfg.valid_manifest)[: cfg.eval_clips]
+        print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters; {len(self.rows)} captioned "
+              "clips", flush=True)
+
+    def loss(self, model, step: int, micro: int, rank: int, world: int):
+        cfg = self.cfg
+        idx = torch.randint(len(self.rows), (cfg.batch_size,), generator=step_generator(cfg.seed, step, micro))
+        self.data.epoch = step * cfg.grad_accum + micro
+        mine = range(rank, cfg.batch_size, world)
+        wav = torch.stack([self.data[int(idx[j])] for j in mine])[:, 0]
+        # every caption re-phrased from its clip's metadata, drawn per (step, place in the global batch)
+        texts = [fresh_caption(self.rows[int(idx[j])], np.random.default_rng([cfg.seed, step, micro, j])) for j in mine]
+        loss = model(wav, texts, rank, world)
+        return loss, {"temperature": float(1 / self.model.logit_scale.exp()), "_seen": wav.numel() / cfg.sample_rate}
+
+    def evaluate(self, model) -> dict:
+        return retrieval(model, self.valid)
+
+    def finish(self, model) -> Path:
+        fit_tokens(model, self.rows, self.cfg)
+        out = Path(self.cfg.out) / "model"
+        save_checkpoint(out, "mulan", config_to_dict(self.cfg), model.state_dict())
+        print(f"saved {out}", flush=True)
+        return out
+
+
+def train(cfg: MuLanConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    return run(MuLanTask(cfg), cfg, resume, stop_after, betas=(0.9, 0.999))
 
 
 @torch.no_grad()
@@ -160,6 +176,7 @@ def main() -> None:
     tr = sub.add_parser("train", help="contrastive training, then the conditioning-token RVQ")
     tr.add_argument("--config", default="configs/mulan.yaml")
     tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
     tr.add_argument("overrides", nargs="*")
     sc = sub.add_parser("score", help="cosine of text and audio embeddings, as JSON")
     sc.add_argument("--audio", nargs="+", required=True)
@@ -167,7 +184,7 @@ def main() -> None:
     sc.add_argument("--checkpoint", default=None)
     args = parse_args_with_overrides(ap)
     if args.command == "train":
-        train(load_config(MuLanConfig, args.config, args.overrides), resume=args.resume)
+        train(load_config(MuLanConfig, args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
         return
     with torch.no_grad():
         print(json.dumps(score(load_conditioner(args.checkpoint), args.audio, args.text)))

@@ -15,6 +15,7 @@ Shapes: vectors `[B, D, T]`, codes `[B, Q, T]` (Q levels, ids in [0, K)).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -48,9 +49,9 @@ class VectorQuantizer(nn.Module):
         dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ self.codebook.t() + self.codebook.pow(2).sum(1)
         return dist.argmin(1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (quantized [N, D] (no gradient), ids [N]); updates codebooks in training."""
-        if self.training:
+        if self.training and update:
             self._update(x.detach())
         ids = self.assign(x.detach())
         return self.codebook[ids], ids
@@ -96,10 +97,13 @@ class ResidualVQ(nn.Module):
             if self.training and torch.rand(()) < self.quantizer_dropout:
                 n_q = int(torch.randint(1, self.num_quantizers + 1, ()))
         flat = x.permute(0, 2, 1).reshape(-1, D)
+        synced = self.training and dist.is_available() and dist.is_initialized()
+        if synced:   # DDP: every rank makes the codebook updates of the whole batch, as one process would
+            self._update_global(x.detach(), n_q)
         residual, total = flat, torch.zeros_like(flat)
         codes, commit, perplexity = [], x.new_zeros(()), []
         for level in self.levels[:n_q]:
-            q, ids = level(residual)
+            q, ids = level(residual, update=not synced)
             commit = commit + F.mse_loss(residual, q.detach())
             total = total + q
             residual = residual - q.detach()
@@ -110,6 +114,19 @@ class ResidualVQ(nn.Module):
         return {"quantized": quantized.reshape(B, T, D).permute(0, 2, 1),
                 "codes": torch.stack(codes, 1).reshape(B, T, n_q).permute(0, 2, 1),
                 "commit": commit / n_q, "perplexity": torch.stack(perplexity)}
+
+    @torch.no_grad()
+    def _update_global(self, x: torch.Tensor, n_q: int) -> None:
+        """Gather x [B_r, D, T] of every rank in the global batch order (rank r holds rows r, r + world, ...)
+        and run the levels' EMA updates on it."""
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        x = torch.stack(parts, 1).reshape(-1, *x.shape[1:])          # [B_r, world, D, T] -> [B, D, T]
+        residual = x.permute(0, 2, 1).reshape(-1, x.shape[1])
+        for level in self.levels[:n_q]:
+            level._update(residual)
+            residual = residual - level.codebook[level.assign(residual)]
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor:

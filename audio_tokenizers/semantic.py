@@ -28,14 +28,15 @@ from audio_tokenizers.acoustic import prepare
 from audio_tokenizers.spectral import mel_filters, stft
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import config_from_dict, config_to_dict, register_config
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
+from common.training import RunConfig, check_fields
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "semantic_tokenizer"
 
 
 @register_config("semantic_tokenizer")
 @dataclass
-class SemanticTokenizerConfig:
+class SemanticTokenizerConfig(RunConfig):
     backend: str = "w2vbert"           # "w2vbert", "pretrained" or "logmel"
     pretrained_path: str = ""          # Hugging Face folder, for backend=pretrained
     layer: int = 4                     # hidden_states index whose activations are clustered
@@ -50,6 +51,7 @@ class SemanticTokenizerConfig:
     heads: int = 4
     ffn_size: int = 1024
     conv_kernel: int = 15
+    dropout: float = 0.1               # the conformer's convolution-module dropout (its only dropout)
     # masked-prediction self-supervision: targets of each input frame come from a frozen quantizer,
     # "bestrq" (random projection + random codebook), "kmeans" (k-means on the input frames,
     # HuBERT's first iteration) or "tokenizer" (the ids of the semantic tokenizer at target_tokenizer,
@@ -64,26 +66,28 @@ class SemanticTokenizerConfig:
     # denoising masked prediction (WavLM): this fraction of training clips gets white noise at
     # 10-40 dB SNR and a gain change of up to 6 dB, while the targets stay those of the clean clip
     augment_prob: float = 0.0
-    # training
+    # training (and the run fields: common.training.RunConfig, with this part's defaults)
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"
-    out: str = "runs/semantic_tokenizer"
-    steps: int = 3000
-    batch_size: int = 16
     crop_seconds: float = 4.0
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup: int = 300
-    grad_clip: float = 1.0
-    log_every: int = 50
-    eval_every: int = 500
-    ckpt_every: int = 250
     eval_clips: int = 32
     kmeans_clips: int = 1500
     kmeans_frames: int = 150000
     kmeans_standardize: bool = False   # z-score each feature dim (training-frame statistics) before k-means
-    seed: int = 0
-    threads: int = 2
+    out: str = "runs/semantic_tokenizer"
+    steps: int = 3000
+    lr: float = 5e-4
+    warmup: int = 300
+    ckpt_every: int = 250
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, positive=("codebook_size", "sample_rate", "n_mels", "mel_hop", "stack", "hidden_size",
+                                     "layers", "heads", "ffn_size", "conv_kernel", "rq_codebook_size", "rq_dim",
+                                     "mask_span", "crop_seconds", "eval_clips", "kmeans_clips", "kmeans_frames"),
+                     at_least_zero=("layer",), unit=("mask_prob", "augment_prob", "dropout"))
+        if self.backend not in ("w2vbert", "pretrained", "logmel"):
+            raise ConfigError(f"backend={self.backend!r}: use w2vbert, pretrained or logmel")
 
     @property
     def hop(self) -> int:
@@ -107,6 +111,7 @@ def build_conformer(cfg: SemanticTokenizerConfig):
                             num_attention_heads=cfg.heads, intermediate_size=cfg.ffn_size,
                             feature_projection_input_dim=cfg.n_mels * cfg.stack, add_adapter=False,
                             conv_depthwise_kernel_size=cfg.conv_kernel, layerdrop=0.0,
+                            conformer_conv_dropout=cfg.dropout,
                             mask_time_prob=0.05)  # > 0 so that the learned mask embedding exists
     return Wav2Vec2BertModel(hf)
 
@@ -234,6 +239,7 @@ def main() -> None:
         p.add_argument("--config", default="configs/semantic_tokenizer.yaml")
         p.add_argument("overrides", nargs="*", help="key=value")
     tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
     km.add_argument("--model", default=None, help="a trained tokenizer/run whose conformer to reuse")
     km.add_argument("--out", required=True, help="tokenizer checkpoint folder to write")
     en = sub.add_parser("encode", help="print the token ids of audio files")
@@ -244,7 +250,7 @@ def main() -> None:
         from audio_tokenizers import semantic_train
         cfg = load_config(SemanticTokenizerConfig, args.config, args.overrides)
         if args.command == "train":
-            semantic_train.train(cfg, resume=args.resume)
+            semantic_train.train(cfg, resume=args.resume, stop_after=args.stop_after)
         else:
             semantic_train.kmeans_command(cfg, args.model, Path(args.out))
         return

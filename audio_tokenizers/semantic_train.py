@@ -9,7 +9,6 @@ ids of an earlier semantic tokenizer (HuBERT's second: targets from a model's ow
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,9 @@ from tqdm import tqdm
 from audio_tokenizers.semantic import (SemanticTokenizer, SemanticTokenizerConfig, build_conformer,
                                        load_semantic, log_mel_frames)
 from common.checkpoint import load_checkpoint
-from common.config import config_from_dict, config_to_dict, format_config
+from common.config import config_from_dict, format_config
 from common.errors import UserError
-from common.training import StopFlag, log_jsonl, optimizer_step, resume_run, save_run, warmup_cosine
+from common.training import run, step_generator
 from data.audio import crop_or_pad
 from data.dataset import ClipDataset
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -75,13 +74,14 @@ class BestRQ(nn.Module):
         return (F.normalize(feats @ self.projection, dim=-1) @ self.codebook.t()).argmax(-1)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor,
-                clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (cross-entropy on masked frames, accuracy on masked frames).
+                clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (summed cross-entropy on the masked frames, how many it got right, how many there are).
         Targets come from `clean` frames where given (denoising), else from `feats`."""
         hidden = self.model(feats, mask_time_indices=mask).last_hidden_state
         logits = self.head(hidden[mask])
         target = self.targets(feats if clean is None else clean)[mask]
-        return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+        return (F.cross_entropy(logits, target, reduction="sum"), (logits.argmax(-1) == target).sum(),
+                int(target.numel()))
 
 
 def target_tokenizer(cfg: SemanticTokenizerConfig) -> SemanticTokenizer:
@@ -104,14 +104,18 @@ def target_tokenizer(cfg: SemanticTokenizerConfig) -> SemanticTokenizer:
     return teacher
 
 
-def augment(wav: torch.Tensor, prob: float) -> torch.Tensor:
-    """[B, N] -> [B, N]: a `prob` fraction of rows get a gain change of +-6 dB and white noise at 10-40 dB SNR."""
-    B = len(wav)
-    gain = 10 ** ((torch.rand(B, 1) * 12 - 6) / 20)
-    snr_db = torch.rand(B, 1) * 30 + 10
+def augment(wav: torch.Tensor, prob: float, generator: torch.Generator | None = None, rows: slice = slice(None),
+            batch: int | None = None) -> torch.Tensor:
+    """[B, N] -> [B, N]: a `prob` fraction of rows get a gain change of +-6 dB and white noise at 10-40 dB SNR.
+    With `rows` and `batch`, wav holds those rows of a batch of `batch` rows and the draws are the whole
+    batch's, so a DDP rank augments its rows as one process would."""
+    batch = batch or len(wav)
+    gain = (10 ** ((torch.rand(batch, 1, generator=generator) * 12 - 6) / 20))[rows]
+    snr_db = (torch.rand(batch, 1, generator=generator) * 30 + 10)[rows]
+    noise = torch.randn(batch, wav.shape[-1], generator=generator)[rows]
+    chosen = (torch.rand(batch, 1, generator=generator) < prob)[rows]
     rms = wav.pow(2).mean(-1, keepdim=True).sqrt()
-    noisy = gain * (wav + torch.randn_like(wav) * rms * 10 ** (-snr_db / 20))
-    return torch.where(torch.rand(B, 1) < prob, noisy, wav)
+    return torch.where(chosen, gain * (wav + noise * rms * 10 ** (-snr_db / 20)), wav)
 
 
 def span_mask(B: int, T: int, cfg: SemanticTokenizerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -137,61 +141,60 @@ def clips_from(manifest: str, cfg: SemanticTokenizerConfig, n: int, seconds: flo
 
 @torch.no_grad()
 def masked_accuracy(net: BestRQ, clips: torch.Tensor, cfg: SemanticTokenizerConfig) -> float:
+    was = net.training
     net.eval()
     feats = log_mel_frames(clips, cfg)
     mask = span_mask(*feats.shape[:2], cfg, torch.Generator().manual_seed(0))
-    _, acc = net(feats, mask)
-    net.train()
-    return float(acc)
+    _, correct, n = net(feats, mask)
+    net.train(was)
+    return float(correct) / max(n, 1)
 
 
-def train(cfg: SemanticTokenizerConfig, resume: bool = False) -> Path:
-    torch.set_num_threads(cfg.threads)
-    print(format_config(cfg), flush=True)
-    if cfg.backend != "w2vbert":
-        raise UserError(f"train needs backend=w2vbert; for backend={cfg.backend} run the kmeans command")
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed)
-    net = BestRQ(cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = resume_run(out, "semantic_ssl", net, opt)["step"] if resume else 0
-    data = ClipDataset(read_manifest(cfg.train_manifest), cfg.sample_rate,
-                       int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
-    if cfg.ssl_targets == "kmeans" and not resume:
-        net.fit_targets(clips_from(cfg.train_manifest, cfg, min(len(data), 400), cfg.crop_seconds))
-    held_out = clips_from(cfg.valid_manifest, cfg, cfg.eval_clips, cfg.crop_seconds)
-    print(f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", flush=True)
-    stop, t0 = StopFlag(), time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="semantic", mininterval=5.0)
-    while step < cfg.steps and not stop.now:
-        data.epoch = step
-        wav = torch.stack([data[int(i)] for i in np.random.randint(0, len(data), cfg.batch_size)])[:, 0]
+class SemanticTask:
+    """Masked prediction as a task of the one training loop (common/training.py)."""
+    kind = "semantic_ssl"
+
+    def __init__(self, cfg: SemanticTokenizerConfig, resume: bool):
+        if cfg.backend != "w2vbert":
+            raise UserError(f"train needs backend=w2vbert; for backend={cfg.backend} run the kmeans command")
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = BestRQ(cfg)
+        self.data = ClipDataset(read_manifest(cfg.train_manifest), cfg.sample_rate,
+                                int(cfg.crop_seconds * cfg.sample_rate), seed=cfg.seed)
+        if cfg.ssl_targets == "kmeans" and not resume:   # (a resumed run has them in its weights)
+            self.model.fit_targets(clips_from(cfg.train_manifest, cfg, min(len(self.data), 400), cfg.crop_seconds))
+        self.held_out = clips_from(cfg.valid_manifest, cfg, cfg.eval_clips, cfg.crop_seconds)
+        print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters", flush=True)
+
+    def loss(self, model, step: int, micro: int, rank: int, world: int):
+        cfg, g = self.cfg, step_generator(self.cfg.seed, step, micro)
+        mine = slice(rank, None, world)
+        idx = torch.randint(len(self.data), (cfg.batch_size,), generator=g)[mine]
+        self.data.epoch = step * cfg.grad_accum + micro
+        wav = torch.stack([self.data[int(i)] for i in idx])[:, 0]
         feats = log_mel_frames(wav, cfg)
-        mask = span_mask(*feats.shape[:2], cfg)
-        if cfg.augment_prob > 0:
-            loss, acc = net(log_mel_frames(augment(wav, cfg.augment_prob), cfg), mask, clean=feats)
-        else:
-            loss, acc = net(feats, mask)
-        optimizer_step(net, opt, loss, warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps), cfg.grad_clip)
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
-            log_jsonl(out, {"step": step, "loss": loss.item(), "masked_acc": acc.item(),
-                            "elapsed_s": round(time.time() - t0, 1)})
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            log_jsonl(out, {"step": step, "heldout_masked_acc": masked_accuracy(net, held_out, cfg)}, echo=True)
-        if step % cfg.ckpt_every == 0:
-            save_run(out, "semantic_ssl", config_to_dict(cfg), net, opt, step)
-    save_run(out, "semantic_ssl", config_to_dict(cfg), net, opt, step)
-    bar.close()
-    if stop.now:
-        print(f"stopped at step {step}; continue with --resume", flush=True)
-        return out / "last"
-    tok = fit_kmeans(cfg, net.model)
-    tok.save(out / "tokenizer")
-    print(f"saved the tokenizer (conformer + k-means, k={cfg.codebook_size}) to {out / 'tokenizer'}", flush=True)
-    return out / "tokenizer"
+        mask = span_mask(cfg.batch_size, feats.shape[1], cfg, g)[mine]
+        noisy = log_mel_frames(augment(wav, cfg.augment_prob, g, mine, cfg.batch_size), cfg) if cfg.augment_prob > 0 \
+            else feats
+        ce, correct, n = model(noisy, mask, clean=feats if cfg.augment_prob > 0 else None)
+        total = torch.tensor(float(n))
+        if world > 1:   # the mean over the global batch's masked frames, as one process would take it
+            torch.distributed.all_reduce(total)
+        return ce * world / total, {"masked_acc": float(correct) / max(n, 1), "_seen": wav.numel() / cfg.sample_rate}
+
+    def evaluate(self, model) -> dict:
+        return {"heldout_masked_acc": masked_accuracy(model, self.held_out, self.cfg)}
+
+    def finish(self, model) -> Path:
+        out = Path(self.cfg.out) / "tokenizer"
+        fit_kmeans(self.cfg, model.model).save(out)
+        print(f"saved the tokenizer (conformer + k-means, k={self.cfg.codebook_size}) to {out}", flush=True)
+        return out
+
+
+def train(cfg: SemanticTokenizerConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    return run(SemanticTask(cfg, resume), cfg, resume, stop_after, betas=(0.9, 0.999))
 
 
 def fit_kmeans(cfg: SemanticTokenizerConfig, model: nn.Module | None) -> SemanticTokenizer:

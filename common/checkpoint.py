@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import shutil
 import tempfile
@@ -49,9 +50,8 @@ def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any],
     """Write a checkpoint folder atomically. `dtype` (e.g. torch.float16) casts float weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    recover(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         tensors = {k: _prepare(v, dtype) for k, v in state_dict.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
@@ -100,6 +100,57 @@ def _swap_in(tmp: Path, path: Path) -> None:
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- what a killed writer leaves
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove `<prefix>tmp-PID...` and `<prefix>old-PID` entries of `folder` whose writer is no longer running."""
+    if not folder.is_dir():
+        return
+    for p in folder.glob(f"{prefix}*"):
+        m = re.match(re.escape(prefix) + r"(tmp|old)-(\d+)", p.name)
+        if m and (int(m.group(2)) == os.getpid() or not pid_alive(int(m.group(2)))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _complete(folder: Path) -> bool:
+    """All the files of a checkpoint folder are there and its header reads (a half-deleted one is not)."""
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    pair = [(folder / f"train_state.{e}").is_file() for e in ("json", "safetensors")]
+    return (folder / "model.safetensors").is_file() and pair[0] == pair[1]
+
+
+def _step_of(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "config.json").read_text()).get("meta", {}).get("step", -1))
+    except (OSError, ValueError, TypeError):
+        return -1
+
+
+def recover(path: Path) -> None:
+    """Before writing `path`: if a crash left it moved aside (between the two renames of a save), put the newest
+    complete copy back; then remove every leftover of killed saves (temporaries, old copies)."""
+    if not path.exists():
+        olds = [p for p in path.parent.glob(f".{path.name}.old-*") if _complete(p)] if path.parent.exists() else []
+        if olds:
+            os.replace(max(olds, key=lambda p: (_step_of(p), p.stat().st_mtime)), path)
+    for p in path.parent.glob(f".{path.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    remove_stale(path.parent, f".{path.name}.")
 
 
 # ---------------------------------------------------------------- training state
@@ -224,9 +275,9 @@ def _resolve(path: Path) -> Path:
     """`path`, or the folder a crash left moved aside while swapping it in."""
     if path.exists():
         return path
-    leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
-    if leftovers:
-        return leftovers[-1]
+    leftovers = [p for p in path.parent.glob(f".{path.name}.old-*") if _complete(p)] if path.parent.exists() else []
+    if leftovers:   # the newest complete one: by training step, then by age (not by PID)
+        return max(leftovers, key=lambda p: (_step_of(p), p.stat().st_mtime))
     raise CheckpointError(f"checkpoint {path} not found; check the path")
 
 

@@ -140,7 +140,7 @@ def register_config(name: str):
 
 CONFIG_MODULES = {"acoustic": "audio_tokenizers.acoustic", "semantic_tokenizer": "audio_tokenizers.semantic",
                   "mulan": "audio_tokenizers.mulan",
-                  "semantic": "stages.base", "coarse": "stages.base", "fine": "stages.base", "delay": "stages.base",
+                  "semantic": "stages.base", "coarse": "stages.base", "fine": "stages.base", "delay": "stages.base", "masked": "stages.base",
                   "pipeline": "pipeline"}
 
 

@@ -50,12 +50,20 @@ class TokenCache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        remake = f"make it again with `python -m data.tokenize --out {self.root} ...`"
         if not (self.root / "index.json").is_file():
             raise UserError(f"no token cache at {self.root}; make one with `python -m data.tokenize`")
-        self.index = json.loads((self.root / "index.json").read_text())
-        self.arrays = {k: np.load(self.root / f"{k}.npy", mmap_mode="r") for k in ARRAYS}
-        if (self.root / "mulan_text.npy").is_file():   # caches from before text conditions have none
-            self.arrays["mulan_text"] = np.load(self.root / "mulan_text.npy", mmap_mode="r")
+        try:
+            self.index = json.loads((self.root / "index.json").read_text())
+            n = len(self.index["clips"])
+            names = list(ARRAYS) + (["mulan_text"] if (self.root / "mulan_text.npy").is_file() else [])
+            self.arrays = {k: np.load(self.root / f"{k}.npy", mmap_mode="r") for k in names}
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise UserError(f"the token cache {self.root} is damaged ({type(e).__name__}: {str(e)[:80]}); {remake}") from None
+        short = [f"{k} has {len(a)}" for k, a in self.arrays.items() if len(a) != n]
+        if short:
+            raise UserError(f"the token cache {self.root} is damaged: its index lists {n} clips but "
+                            f"{', '.join(short)} rows; {remake}")
         splits = np.array([c["split"] for c in self.index["clips"]])
         self.split_rows = {s: np.flatnonzero(splits == s) for s in ("train", "valid", "test")}
 
@@ -97,10 +105,26 @@ def describe(acoustic, semantic, mulan) -> dict:
 
 
 @torch.no_grad()
-def write_array(out: Path, name: str, array: np.ndarray) -> None:
-    tmp = out / f".{name}.tmp.npy"
-    np.save(tmp, array)
-    tmp.replace(out / f"{name}.npy")
+def write_cache(out: Path, arrays: dict[str, np.ndarray], index: dict | None = None) -> None:
+    """Write a whole cache (these arrays, the index, and the files of `out` not replaced) into a temporary folder
+    beside `out`, then swap it into place: a crash leaves the old cache or the new one, never a mix."""
+    import os
+    import shutil
+
+    from common.checkpoint import remove_stale
+    remove_stale(out.parent, f".{out.name}.")   # what a killed write left behind
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if out.is_dir():
+        shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(*[f"{k}.npy" for k in arrays], "index.json"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+    (tmp / "index.json").write_text(json.dumps(index, indent=1) if index is not None else (out / "index.json").read_text())
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, rephrasings: int) -> None:
@@ -117,7 +141,7 @@ def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, re
     if missing:
         raise UserError(f"{len(missing)} clips of {out} are in none of the manifests (e.g. {missing[0]}); pass all of them")
     rows = [by_audio[c["audio"]] for c in cache.index["clips"]]
-    write_array(out, "mulan_text", text_tokens(load_conditioner(mulan_path), rows, rephrasings))
+    write_cache(out, {"mulan_text": text_tokens(load_conditioner(mulan_path), rows, rephrasings)})
     print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
 
 
@@ -132,11 +156,14 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
                                                  ("semantic", paths["semantic"] or "pretrained/semantic_tokenizer"),
                                                  ("mulan", paths["mulan"] or "pretrained/mulan"))}
     old = None
-    if (out / "index.json").is_file():
-        old = json.loads((out / "index.json").read_text())
+    if (out / "index.json").is_file():   # appending: the same tokenizers, and a cache that is whole
+        existing = TokenCache(out)
+        old = existing.index
         if old["tokenizer_hashes"] != hashes:
             raise UserError(f"{out} was made by other tokenizers ({old['tokenizer_hashes']} vs {hashes}); "
                             "use a new --out folder")
+        if "mulan_text" not in existing.arrays:
+            raise UserError(f"{out} has no text tokens yet; add them first with --text-only, then append")
     n = int(seconds * acoustic.sample_rate)
     skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in ARRAYS}
 
@@ -162,20 +189,16 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
             encode(batch)
     if not clips:
         raise UserError(f"no readable audio in {', '.join(map(str, manifests))}; {skips.summary()}")
-    out.mkdir(parents=True, exist_ok=True)
     arrays["mulan_text"] = text_tokens(mulan, metas, rephrasings)
-    if old is not None and not (out / "mulan_text.npy").is_file():
-        raise UserError(f"{out} has no text tokens yet; add them first with --text-only, then append")
+    stacked = {}
     for k in (*ARRAYS, "mulan_text"):
-        new = np.stack(arrays[k])
+        stacked[k] = np.stack(arrays[k])
         if old is not None:
-            new = np.concatenate([np.load(out / f"{k}.npy"), new])
-        write_array(out, k, new)
+            stacked[k] = np.concatenate([np.load(out / f"{k}.npy"), stacked[k]])
     index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": hashes,
              "tokenizer_paths": {k: str(v) for k, v in paths.items()}, **describe(acoustic, semantic, mulan),
              "clips": (old["clips"] if old else []) + clips}
-    (out / ".index.json.tmp").write_text(json.dumps(index, indent=1))
-    (out / ".index.json.tmp").replace(out / "index.json")
+    write_cache(out, stacked, index)
     print(f"cached {len(clips)} clips to {out} ({len(index['clips'])} in all); {skips.summary()}")
     return len(clips)
 
@@ -188,8 +211,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rephrasings", type=int, default=REPHRASINGS, help="captions per clip in mulan_text.npy")
     ap.add_argument("--text-only", action="store_true", help="only add text tokens to the existing cache --out")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.rephrasings < 1:
         raise UserError("--rephrasings must be at least 1 (the clip's own caption)")
     if args.text_only:

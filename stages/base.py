@@ -18,7 +18,8 @@ import torch
 
 from common.checkpoint import load_checkpoint, read_header, save_checkpoint
 from common.config import config_from_dict, config_to_dict, register_config
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
+from common.training import RunConfig, check_fields
 
 # kind -> "module:Class"; a new kind adds a line here (the class lists the roles it can fill).
 STAGE_KINDS = {"semantic": "stages.semantic:SemanticStage", "coarse": "stages.coarse:CoarseStage",
@@ -28,7 +29,7 @@ ROLES = ("semantic", "coarse", "fine", "acoustic")
 
 
 @dataclass
-class StageConfig:
+class StageConfig(RunConfig):
     kind: str = "semantic"
     role: str = ""                    # semantic | coarse | fine | acoustic; "" = the kind's only role
     # what the stage is fed: must match the tokenizers (checked against the cache and the pipeline)
@@ -55,23 +56,27 @@ class StageConfig:
                                       # re-phrased (text: the cache's mulan_text), or either (mix)
     cond_text_prob: float = 0.5       # mix: the chance a row gets text tokens
     cond_level_dropout: float = 0.0   # the chance a row keeps only its first k MuLan levels (k in 1..Q_m-1)
-    # training
+    # training (the run fields: common.training.RunConfig)
     cache: str = "cache/corpus"
     out: str = "runs/stage"
     steps: int = 10000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-4
     weight_decay: float = 0.1
     warmup: int = 500
-    grad_clip: float = 1.0
-    ema: float = 0.0                  # EMA decay of the weights; 0 disables
-    log_every: int = 50
-    eval_every: int = 500
-    ckpt_every: int = 500
     eval_batches: int = 8
-    seed: int = 0
-    threads: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, positive=("mulan_levels", "mulan_codebook", "semantic_codebook", "acoustic_codebook",
+                                     "coarse_levels", "semantic_rate", "acoustic_rate", "window_seconds", "span",
+                                     "dim", "depth", "heads", "eval_batches"),
+                     at_least_zero=("fine_levels", "context_window"),
+                     unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout"))
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ConfigError(f"dim={self.dim} must be a multiple of 2 x heads={self.heads} (rotary halves)")
+        if self.role and self.role not in ROLES:
+            raise ConfigError(f"role={self.role!r}: use one of {', '.join(ROLES)}")
+        if self.cond_source not in ("audio", "text", "mix"):
+            raise ConfigError(f"cond_source={self.cond_source!r}: use audio, text or mix")
 
 
 for _name in ("semantic", "coarse", "fine", "delay", "masked"):

@@ -25,7 +25,6 @@ import math
 
 import torch
 
-from stages.base import StageConfig
 from stages.delay import DelayStage
 from stages.frames import frame_rate_ids, level_losses
 from stages.sampling import Sampling, cfg_mix, top_k_filter, top_p_filter
@@ -90,7 +89,7 @@ class MaskedStage(DelayStage):
         semantic = frame_rate_ids(batch["semantic"].to(device), self.ratio, T)
         known = batch["acoustic"][:, :self.lo].to(device) if self.role == "fine" else None
         cond = self.cond(batch["mulan"].to(device), None if drop_cond is None else drop_cond.to(device))
-        training = self.model.training
+        training = model.training
         g = generator or (None if training else torch.Generator().manual_seed(0))
         levels = [int(torch.randint(K, (1,), generator=g))] if training else range(K)
         stats, total, count = {}, 0.0, 0

@@ -75,9 +75,9 @@ def main() -> None:
     if args.batches:
         stage.cfg.eval_batches = args.batches
     cache = TokenCache(args.cache)
-    results = {"float": evaluate(stage, cache, stage.cfg, torch.device("cpu"))}
+    results = {"float": evaluate(stage, cache, stage.cfg)}
     quantize_int8(stage.model, max_rows=None)
-    results["int8"] = evaluate(stage, cache, stage.cfg, torch.device("cpu"))
+    results["int8"] = evaluate(stage, cache, stage.cfg)
     print(json.dumps(results, indent=1))
 
 

@@ -1,26 +1,21 @@
-"""The one training loop of the three stages (`python -m stages.semantic|coarse|fine`).
+"""Stage training (`python -m stages.semantic|coarse|fine|delay|masked`) on the one loop of common/training.py.
 
-Each step's batch (rows, window starts, condition-dropout mask) comes from a generator seeded
-by (seed, step), so `--resume` continues exactly and every DDP rank agrees on the global
-batch; rank r trains on rows r, r + world, ... of it. Under `torchrun --nproc_per_node=N`
-it runs DistributedDataParallel (gloo on CPU, NCCL on GPU) with bf16 autocast on CUDA.
+Each step's batch (rows, window starts, condition-dropout mask, condition source) comes from a
+generator seeded by (seed, step), so `--resume` continues exactly and every DDP rank agrees on
+the global batch; rank r trains on rows r, r + world, ... of it. Under `torchrun
+--nproc_per_node=N` it runs DistributedDataParallel (gloo on CPU, NCCL on GPU).
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-from common.config import config_to_dict, format_config, load_config, parse_args_with_overrides
+from common.config import load_config, parse_args_with_overrides
 from common.errors import UserError, run_cli
-from common.training import StopFlag, log_jsonl, resume_run, save_run, warmup_cosine
+from common.training import run
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, save_stage
 
@@ -112,22 +107,23 @@ def condition_names(stage, cache: TokenCache) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(stage, cache: TokenCache, cfg: StageConfig, device: torch.device, conditions: list[str] | None = None) -> dict:
+def evaluate(stage, cache: TokenCache, cfg: StageConfig, conditions: list[str] | None = None, model=None) -> dict:
     """Held-out loss and accuracy per level on fixed valid windows under the condition the stage trains on
     (its audio tokens, or for cond_source text/mix its caption's), and for a stage that reads a condition the
     loss under each other one ("cond/NAME": another clip's, null, text): null minus own is what it carries."""
     rows = cache.rows("valid") if len(cache.rows("valid")) else cache.rows("train")
     conditions = conditions or condition_names(stage, cache)
-    model, totals = stage.model, {name: {} for name in conditions}
+    model, totals = model or stage.model, {name: {} for name in conditions}
+    was_training = model.training
     model.eval()
     for i in range(cfg.eval_batches):
         b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991, train=False)
         for name in conditions:
-            out = stage.loss(*with_condition(b, name, cfg))
+            out = stage.loss(*with_condition(b, name, cfg), model)
             for level, (ce, correct, n) in out["per_level"].items():
                 t = totals[name].setdefault(level, [0.0, 0, 0])
                 t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
-    model.train()
+    model.train(was_training)
     names, main = stage.level_names(), totals[conditions[0]]
     res = {f"loss/{names[l]}": round(v[0] / v[2], 4) for l, v in sorted(main.items())}
     res.update({f"acc/{names[l]}": round(v[1] / v[2], 4) for l, v in sorted(main.items())})
@@ -139,89 +135,39 @@ def evaluate(stage, cache: TokenCache, cfg: StageConfig, device: torch.device, c
     return res
 
 
+class StageTask:
+    """A stage as a task of the one training loop (common/training.py)."""
+
+    def __init__(self, cfg: StageConfig, cache: TokenCache):
+        self.cfg, self.cache, self.kind = cfg, cache, cfg.kind
+        torch.manual_seed(cfg.seed)
+        self.stage = build_stage(cfg)
+        self.model, self.rows = self.stage.model, cache.rows("train")
+
+    def loss(self, model, step: int, micro: int, rank: int, world: int):
+        b, drop = batch_at(self.cache, self.rows, self.cfg, step * self.cfg.grad_accum + micro, self.cfg.batch_size,
+                           rank, world)
+        out = self.stage.loss(b, drop, model)
+        return out["loss"], {"_seen": b["acoustic"].shape[0] * b["acoustic"].shape[-1] / self.cfg.acoustic_rate}
+
+    def evaluate(self, model) -> dict:
+        return evaluate(self.stage, self.cache, self.cfg, model=model)
+
+    def finish(self, model) -> Path:
+        out = Path(self.cfg.out) / "model"
+        save_stage(self.stage, out, meta={"steps": self.cfg.steps, "tokenizer_hashes": self.cache.index["tokenizer_hashes"]},
+                   state_dict=model.state_dict())
+        print(f"saved {out}", flush=True)
+        return out
+
+
 def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
-    """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a
-    later --resume continues the same schedule (useful for time-boxed sessions)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.set_num_threads(max(1, cfg.threads // world))
-    if rank == 0:
-        print(format_config(cfg), flush=True)
+    """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a later
+    --resume continues the same schedule (useful for time-boxed sessions)."""
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
     cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")
-    if cfg.batch_size % world:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
-    torch.manual_seed(cfg.seed)
-    stage = build_stage(cfg)
-    model = stage.model.to(device)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    ema = copy.deepcopy(model).eval() if cfg.ema > 0 else None
-    out, step = Path(cfg.out), 0
-    if resume:
-        state = resume_run(out, cfg.kind, model, opt)
-        step = state["step"]
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-    rows = cache.rows("train")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    stop, t0, seen = StopFlag(), time.time(), 0
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.kind, mininterval=2.0, disable=rank != 0)
-
-    def save() -> None:
-        if rank == 0:
-            save_run(out, cfg.kind, config_to_dict(cfg), model, opt, step,
-                     {"ema": ema.state_dict()} if ema is not None else None)
-
-    while step < cfg.steps and not stop.now and (stop_after is None or step < stop_after):
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            b, drop = batch_at(cache, rows, cfg, step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
-            with autocast:
-                loss = stage.loss(b, drop, wrapped)["loss"] / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
-            seen += b["acoustic"].shape[0] * b["acoustic"].shape[-1] / cfg.acoustic_rate * world  # audio seconds
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema)
-        step += 1
-        if world > 1:
-            t = torch.tensor([total], device=device)
-            dist.all_reduce(t)
-            total = float(t) / world
-        bar.update(1)
-        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-            rate = seen / (time.time() - t0)
-            bar.set_postfix(loss=f"{total:.3f}", audio_s=f"{rate:.1f}")
-            log_jsonl(out, {"step": step, "loss": total, "lr": warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps),
-                            "audio_seconds_per_s": round(rate, 2)})
-        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-            log_jsonl(out, {"step": step, "valid": evaluate(stage, cache, cfg, device)}, echo=True)
-        if step % cfg.ckpt_every == 0:
-            save()
-    save()
-    bar.close()
-    if rank == 0 and step == cfg.steps:
-        save_stage(stage, out / "model", meta={"steps": step, "tokenizer_hashes": cache.index["tokenizer_hashes"]},
-                   state_dict=(ema or model).state_dict())
-        print(f"saved {out / 'model'}", flush=True)
-    if world > 1:
-        dist.barrier()   # leave together: a rank tearing down gloo while rank 0 still saves can abort (seen once in CI)
-        dist.destroy_process_group()
-    return out / "model"
+    return run(StageTask(cfg, cache), cfg, resume, stop_after, fingerprints=cache.index["tokenizer_hashes"])
 
 
 def main(kind: str) -> None:

@@ -131,8 +131,9 @@ def test_debug_training_learns_resumes_and_round_trips(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < 0.7 * losses[0]
-    assert any("eval" in r and "mel_distance@4" in r["eval"] for r in log)
-    proc = run_module(*args[:-2], "steps=40", "--resume")
+    assert any("valid" in r and "mel_distance@4" in r["valid"] for r in log)
+    assert_clean_error(run_module(*args[:-2], "steps=40", "lr=1e-3", "--resume"), "lr (0.003 -> 0.001)")
+    proc = run_module(*args[:-2], "steps=40", "lr=3e-3", "--resume")   # only the run length changes
     assert proc.returncode == 0 and "resumed from" in proc.stdout and "at step 30" in proc.stdout
     tok = load_acoustic(tmp_path / "run/last")
     assert tok.num_quantizers == 4

@@ -85,3 +85,40 @@ def test_text_tokens_of_captions_and_rephrasings(parts, tmp_path):
     assert TokenCache(tmp_path / "cache").arrays["mulan_text"].shape == (4, 2, 3)
     assert_clean_error(run_module("data.tokenize", "--text-only", "--manifest", str(parts / "m.jsonl"), "--out",
                                   str(tmp_path / "cache"), "--mulan", p["acoustic"]), "another MuLan")
+
+
+@pytest.mark.parametrize("damage", ["index", "missing", "short"])
+def test_a_damaged_cache_is_named_not_a_traceback(damage, parts, tmp_path):
+    import numpy as np
+    tokenize([parts / "m.jsonl"], tmp_path / "c", paths(parts), seconds=1.0)
+    if damage == "index":
+        (tmp_path / "c" / "index.json").write_text("{not json")
+    elif damage == "missing":
+        (tmp_path / "c" / "semantic.npy").unlink()
+    else:
+        np.save(tmp_path / "c" / "acoustic.npy", np.load(tmp_path / "c" / "acoustic.npy")[:2])
+    with pytest.raises(UserError, match="damaged"):
+        TokenCache(tmp_path / "c")
+
+
+def test_cache_is_swapped_in_whole(parts, tmp_path, monkeypatch):
+    """A crash while the new arrays are written leaves the old cache as it was, and no temporary folder is
+    taken for the cache."""
+    import numpy as np
+
+    import data.tokenize as tk
+    tokenize([parts / "m.jsonl"], tmp_path / "c", paths(parts), seconds=1.0)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()}
+    calls = []
+
+    def crash_on_second(path, array):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return np.lib.format.write_array(open(path, "wb"), array)
+    monkeypatch.setattr(tk.np, "save", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize([parts / "m.jsonl"], tmp_path / "c", paths(parts), seconds=1.0)   # an append that dies midway
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()} == before
+    assert TokenCache(tmp_path / "c").arrays["semantic"].shape[0] == 4
