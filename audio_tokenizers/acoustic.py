@@ -17,72 +17,21 @@ Commands: `python -m audio_tokenizers.acoustic train|roundtrip|evaluate ...`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import griffin_lim, mel_filters, stft
 from common.checkpoint import hf_model_type, load_checkpoint, read_header
-from common.config import config_from_dict, register_config
-from common.errors import AudioError, CheckpointError, ConfigError
-from common.training import RunConfig, check_fields
-from data.audio import resample
+from audio_tokenizers.codec_common import AcousticConfig, check_codes, fit_length, pad_to_frames, prepare
+from common.config import config_from_dict
+from common.errors import CheckpointError
 
 LOG_FLOOR = math.log(1e-5)
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "acoustic"
 
-
-@register_config("acoustic")
-@dataclass
-class AcousticConfig(RunConfig):
-    backend: str = "spectral"          # "spectral" or "encodec"
-    sample_rate: int = 24000
-    num_quantizers: int = 8
-    codebook_size: int = 1024
-    quantizer_dropout: float = 0.5     # probability of training a random prefix of levels
-    ema_decay: float = 0.99
-    commit_weight: float = 1.0
-    # spectral codec
-    n_fft: int = 1536                  # 64 ms window: chosen by the Griffin-Lim ceiling (card)
-    hop: int = 480                     # 50 Hz frames at 24 kHz
-    dim: int = 256
-    latent_dim: int = 64
-    encoder_blocks: int = 4
-    decoder_blocks: int = 6
-    kernel: int = 7
-    griffin_lim_iters: int = 32
-    # encodec architecture (backend=encodec)
-    encodec_filters: int = 32
-    encodec_ratios: list[int] = field(default_factory=lambda: [8, 5, 4, 2])
-    encodec_hidden: int = 128
-    # training
-    train_manifest: str = "corpus/train.jsonl"
-    valid_manifest: str = "corpus/valid.jsonl"
-    crop_seconds: float = 2.0
-    eval_clips: int = 16
-    eval_seconds: float = 4.0
-    # the run fields (common.training.RunConfig), with this part's defaults
-    out: str = "runs/acoustic"
-    steps: int = 20000
-    lr: float = 1e-3
-    warmup: int = 500
-    eval_every: int = 1000
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fields(self, positive=("sample_rate", "num_quantizers", "codebook_size", "n_fft", "hop", "dim",
-                                     "latent_dim", "crop_seconds", "eval_clips", "eval_seconds"),
-                     at_least_zero=("encoder_blocks", "decoder_blocks", "griffin_lim_iters", "commit_weight"),
-                     unit=("quantizer_dropout", "ema_decay"))
-        if self.backend not in ("spectral", "encodec"):
-            raise ConfigError(f"backend={self.backend!r}: use spectral or encodec")
-
-
-# ---------------------------------------------------------------- the spectral codec
 
 class ConvNeXtBlock(nn.Module):
     """Depthwise conv over time, LayerNorm, pointwise MLP, residual (as in Vocos)."""
@@ -145,20 +94,6 @@ class SpectralCodec(nn.Module):
 
 # ---------------------------------------------------------------- the tokenizer interface
 
-def prepare(wav: torch.Tensor, sample_rate: int | None, target_rate: int) -> torch.Tensor:
-    """Check and normalise input audio: [B, C, N] or [B, N] -> mono [B, N] at target_rate."""
-    if wav.dim() == 2:
-        wav = wav[:, None]
-    if wav.dim() != 3:
-        raise AudioError(f"audio must be [B, 1, N], got shape {tuple(wav.shape)}")
-    if not torch.isfinite(wav).all():
-        raise AudioError("audio contains NaN or infinite samples; clean or drop the file")
-    wav = wav.float().mean(1)  # downmix
-    if sample_rate and sample_rate != target_rate:
-        wav = torch.from_numpy(resample(wav.cpu().numpy(), sample_rate, target_rate)).to(wav.device)
-    return wav
-
-
 class SpectralTokenizer:
     kind = "acoustic_spectral"
 
@@ -187,25 +122,6 @@ class SpectralTokenizer:
 
     def join(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         return torch.cat([coarse, fine], 1)
-
-
-def pad_to_frames(x: torch.Tensor, hop: int) -> torch.Tensor:
-    """[B, N] -> [B, T * hop] with T = max(1, ceil(N / hop)): zeros appended."""
-    frames = max(1, -(-x.shape[-1] // hop))
-    return F.pad(x, (0, frames * hop - x.shape[-1]))
-
-
-def check_codes(codes: torch.Tensor, tok) -> None:
-    if codes.dim() != 3 or not 1 <= codes.shape[1] <= tok.num_quantizers:
-        raise ValueError(f"codes must be [B, Q', T] with 1 <= Q' <= {tok.num_quantizers}, got {tuple(codes.shape)}")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= tok.codebook_size):
-        raise ValueError(f"code ids must lie in [0, {tok.codebook_size}), got {int(codes.min())}..{int(codes.max())}")
-
-
-def fit_length(wav: torch.Tensor, length: int | None) -> torch.Tensor:
-    if length is None:
-        return wav
-    return wav[..., :length] if wav.shape[-1] >= length else F.pad(wav, (0, length - wav.shape[-1]))
 
 
 def build_codec(cfg: AcousticConfig) -> nn.Module:
@@ -245,44 +161,7 @@ def load_acoustic(path: str | Path | None = None):
 
 # ---------------------------------------------------------------- command line
 
-def main() -> None:
-    import argparse
-
-    from common.config import load_config, parse_args_with_overrides
-    from common.errors import UserError
-    from data.audio import load_audio, write_wav
-
-    ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.acoustic", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a codec on a manifest")
-    tr.add_argument("--config", default="configs/acoustic.yaml")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    tr.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
-    tr.add_argument("overrides", nargs="*", help="key=value")
-    rt = sub.add_parser("roundtrip", help="encode and decode one file")
-    rt.add_argument("input")
-    rt.add_argument("output")
-    rt.add_argument("--checkpoint", default=None)
-    rt.add_argument("--levels", type=int, default=None, help="decode with the first Q levels")
-    args = parse_args_with_overrides(ap)
-    if args.command == "train":
-        from audio_tokenizers.acoustic_train import train
-        train(load_config(AcousticConfig, args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
-        return
-    tok = load_acoustic(args.checkpoint)
-    levels = args.levels or tok.num_quantizers
-    if not 1 <= levels <= tok.num_quantizers:
-        raise UserError(f"--levels must be between 1 and {tok.num_quantizers}")
-    if not Path(args.output).parent.is_dir():
-        raise UserError(f"cannot write {args.output}: its folder does not exist")
-    wav = torch.from_numpy(load_audio(args.input, tok.sample_rate, allow_silent=True))[None, None]
-    codes = tok.encode(wav)
-    out = tok.decode(codes[:, :levels], length=wav.shape[-1])
-    write_wav(args.output, out[0, 0].numpy(), tok.sample_rate)
-    print(f"{args.input}: {wav.shape[-1] / tok.sample_rate:.2f} s -> codes {list(codes.shape[1:])} "
-          f"({levels} levels decoded) -> {args.output}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # the command line lives with the trainer, which imports this file
+    from audio_tokenizers.acoustic_train import main
     from common.errors import run_cli
     run_cli(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from audio_tokenizers.acoustic import AcousticConfig, build_codec, tokenizer_for
+from audio_tokenizers.acoustic import AcousticConfig, build_codec, load_acoustic, tokenizer_for
 from common.errors import UserError
 from common.training import run, step_generator
 from data.audio import crop_or_pad
@@ -115,3 +115,39 @@ def spectral_loss(model, wav: torch.Tensor) -> dict[str, torch.Tensor]:
 def model_kind(cfg: AcousticConfig) -> str:
     return "acoustic_spectral" if cfg.backend == "spectral" else "acoustic_encodec"
 
+
+def main() -> None:
+    import argparse
+
+    from common.config import load_config, parse_args_with_overrides
+    from common.errors import UserError
+    from data.audio import load_audio, write_wav
+
+    ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.acoustic", description="Train or use an acoustic codec.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a codec on a manifest")
+    tr.add_argument("--config", default="configs/acoustic.yaml")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
+    tr.add_argument("overrides", nargs="*", help="key=value")
+    rt = sub.add_parser("roundtrip", help="encode and decode one file")
+    rt.add_argument("input")
+    rt.add_argument("output")
+    rt.add_argument("--checkpoint", default=None)
+    rt.add_argument("--levels", type=int, default=None, help="decode with the first Q levels")
+    args = parse_args_with_overrides(ap)
+    if args.command == "train":
+        train(load_config(AcousticConfig, args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
+        return
+    tok = load_acoustic(args.checkpoint)
+    levels = args.levels or tok.num_quantizers
+    if not 1 <= levels <= tok.num_quantizers:
+        raise UserError(f"--levels must be between 1 and {tok.num_quantizers}")
+    if not Path(args.output).parent.is_dir():
+        raise UserError(f"cannot write {args.output}: its folder does not exist")
+    wav = torch.from_numpy(load_audio(args.input, tok.sample_rate, allow_silent=True))[None, None]
+    codes = tok.encode(wav)
+    out = tok.decode(codes[:, :levels], length=wav.shape[-1])
+    write_wav(args.output, out[0, 0].numpy(), tok.sample_rate)
+    print(f"{args.input}: {wav.shape[-1] / tok.sample_rate:.2f} s -> codes {list(codes.shape[1:])} "
+          f"({levels} levels decoded) -> {args.output}")

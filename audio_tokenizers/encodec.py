@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from audio_tokenizers.acoustic import AcousticConfig, check_codes, fit_length, pad_to_frames, prepare
+from audio_tokenizers.codec_common import AcousticConfig, check_codes, fit_length, pad_to_frames, prepare
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import log_mel
 from common.errors import CheckpointError

@@ -249,3 +249,38 @@ def kmeans_command(cfg: SemanticTokenizerConfig, model_path: str | None, out: Pa
                 setattr(cfg, key, value)
     fit_kmeans(cfg, model).save(out)
     print(f"saved {out}")
+
+
+def main() -> None:
+    import argparse
+
+    from common.config import load_config, parse_args_with_overrides
+    from data.audio import load_audio
+
+    ap = argparse.ArgumentParser(prog="python -m audio_tokenizers.semantic", description="Train or use a semantic tokenizer.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="self-supervised training (BEST-RQ), then k-means")
+    km = sub.add_parser("kmeans", help="fit k-means for any backend and save a tokenizer")
+    for p in (tr, km):
+        p.add_argument("--config", default="configs/semantic_tokenizer.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value")
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
+    km.add_argument("--model", default=None, help="a trained tokenizer/run whose conformer to reuse")
+    km.add_argument("--out", required=True, help="tokenizer checkpoint folder to write")
+    en = sub.add_parser("encode", help="print the token ids of audio files")
+    en.add_argument("files", nargs="+")
+    en.add_argument("--checkpoint", default=None)
+    args = parse_args_with_overrides(ap)
+    if args.command in ("train", "kmeans"):
+        cfg = load_config(SemanticTokenizerConfig, args.config, args.overrides)
+        if args.command == "train":
+            train(cfg, resume=args.resume, stop_after=args.stop_after)
+        else:
+            kmeans_command(cfg, args.model, Path(args.out))
+        return
+    tok = load_semantic(args.checkpoint)
+    for f in args.files:
+        wav = torch.from_numpy(load_audio(f, tok.sample_rate, allow_silent=True))[None, None]
+        ids = tok.encode(wav)[0]
+        print(f"{f} " + " ".join(str(int(i)) for i in ids))

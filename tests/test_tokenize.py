@@ -9,7 +9,8 @@ from audio_tokenizers.semantic import load_semantic
 from common.checkpoint import save_checkpoint
 from common.config import config_to_dict, load_config
 from common.errors import UserError
-from data.tokenize import TokenCache, tokenize
+from audio_tokenizers.tokenize import tokenize
+from data.tokenize import TokenCache
 from tests.helpers import ROOT, assert_clean_error, run_module, save_debug_tokenizers, sine
 
 

@@ -1,0 +1,115 @@
+"""Run the three tokenizers over manifests into a token cache (data/tokenize.py reads and writes caches;
+this module is the part that needs the tokenizers, so the data package never imports upward).
+
+    python -m data.tokenize --manifest corpus/train.jsonl --manifest corpus/valid.jsonl --out cache/corpus \
+        [--acoustic PATH] [--semantic PATH] [--mulan PATH] [--seconds 10] [--rephrasings 8] [--text-only]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from audio_tokenizers.acoustic import load_acoustic
+from audio_tokenizers.mulan import load_conditioner
+from audio_tokenizers.semantic import load_semantic
+from common.errors import UserError
+from data.audio import crop_or_pad
+from data.manifest import SkipCounter, iter_audio, read_manifest
+from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, describe, text_tokens,
+                           write_cache)
+
+
+def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, rephrasings: int) -> None:
+    """Write mulan_text.npy for an existing cache; every clip of its index must be in the manifests."""
+    cache = TokenCache(out)
+    made_by = cache.index["tokenizer_hashes"]["mulan"]
+    if checkpoint_hash(mulan_path or "pretrained/mulan") != made_by:
+        raise UserError(f"{out}'s audio tokens were made by another MuLan ({made_by}); pass that one as --mulan")
+    by_audio = {}
+    for m in manifests:
+        by_audio.update({r["audio"]: r for r in read_manifest(m)})
+    missing = [c["audio"] for c in cache.index["clips"] if c["audio"] not in by_audio]
+    if missing:
+        raise UserError(f"{len(missing)} clips of {out} are in none of the manifests (e.g. {missing[0]}); pass all of them")
+    rows = [by_audio[c["audio"]] for c in cache.index["clips"]]
+    write_cache(out, {"mulan_text": text_tokens(load_conditioner(mulan_path), rows, rephrasings)})
+    print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
+
+
+def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], seconds: float,
+             rephrasings: int = REPHRASINGS) -> int:
+    acoustic, semantic, mulan = load_acoustic(paths["acoustic"]), load_semantic(paths["semantic"]), \
+        load_conditioner(paths["mulan"])
+    hashes = {k: checkpoint_hash(p) for k, p in (("acoustic", paths["acoustic"] or "pretrained/acoustic"),
+                                                 ("semantic", paths["semantic"] or "pretrained/semantic_tokenizer"),
+                                                 ("mulan", paths["mulan"] or "pretrained/mulan"))}
+    old = None
+    if (out / "index.json").is_file():   # appending: the same tokenizers, and a cache that is whole
+        existing = TokenCache(out)
+        old = existing.index
+        if old["tokenizer_hashes"] != hashes:
+            raise UserError(f"{out} was made by other tokenizers ({old['tokenizer_hashes']} vs {hashes}); "
+                            "use a new --out folder")
+        if "mulan_text" not in existing.arrays:
+            raise UserError(f"{out} has no text tokens yet; add them first with --text-only, then append")
+    n = int(seconds * acoustic.sample_rate)
+    skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in ARRAYS}
+
+    def encode(batch: list[np.ndarray]) -> None:   # batches of clips: fewer, larger matrix products
+        x = torch.from_numpy(np.stack(batch))[:, None]
+        arrays["acoustic"].extend(acoustic.encode(x).numpy().astype(np.int16))
+        arrays["semantic"].extend(semantic.encode(x).numpy().astype(np.int16))
+        arrays["mulan"].extend(mulan.tokens(mulan.embed_audio(x)).numpy().astype(np.int16))
+        batch.clear()
+
+    for manifest in manifests:
+        rows, batch = read_manifest(manifest), []
+        default_split = manifest.stem if manifest.stem in ("train", "valid", "test") else "train"
+        for row, wav in tqdm(iter_audio(rows, acoustic.sample_rate, skips), total=len(rows), desc=manifest.name,
+                             mininterval=5.0):
+            batch.append(crop_or_pad(wav, n))
+            clips.append({"audio": row["audio"], "caption": row.get("caption", ""),
+                          "split": row.get("split", default_split)})
+            metas.append(row)
+            if len(batch) == BATCH:
+                encode(batch)
+        if batch:
+            encode(batch)
+    if not clips:
+        raise UserError(f"no readable audio in {', '.join(map(str, manifests))}; {skips.summary()}")
+    arrays["mulan_text"] = text_tokens(mulan, metas, rephrasings)
+    stacked = {}
+    for k in (*ARRAYS, "mulan_text"):
+        stacked[k] = np.stack(arrays[k])
+        if old is not None:
+            stacked[k] = np.concatenate([np.load(out / f"{k}.npy"), stacked[k]])
+    index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": hashes,
+             "tokenizer_paths": {k: str(v) for k, v in paths.items()}, **describe(acoustic, semantic, mulan),
+             "clips": (old["clips"] if old else []) + clips}
+    write_cache(out, stacked, index)
+    print(f"cached {len(clips)} clips to {out} ({len(index['clips'])} in all); {skips.summary()}")
+    return len(clips)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Tokenize manifests once into a cache the stages train from.")
+    ap.add_argument("--manifest", type=Path, action="append", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--acoustic"), ap.add_argument("--semantic"), ap.add_argument("--mulan")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rephrasings", type=int, default=REPHRASINGS, help="captions per clip in mulan_text.npy")
+    ap.add_argument("--text-only", action="store_true", help="only add text tokens to the existing cache --out")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.rephrasings < 1:
+        raise UserError("--rephrasings must be at least 1 (the clip's own caption)")
+    if args.text_only:
+        add_text_tokens(args.manifest, args.out, args.mulan, args.rephrasings)
+        return
+    tokenize(args.manifest, args.out, {"acoustic": args.acoustic, "semantic": args.semantic, "mulan": args.mulan},
+             args.seconds, args.rephrasings)
