@@ -16,6 +16,7 @@ of the previous window as context, so cost grows linearly with duration.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,14 @@ class Pipeline:
         self.sample_rate = self.codec.sample_rate
         self.ratio = int(round(self.codec.frame_rate / parts["semantic_tokenizer"].frame_rate))
         self.timings: dict[str, float] = {}
+        self.show_progress, self.where = False, "loading"   # a bar per stage on stderr; what runs now
+
+    def _bar(self, name: str, seconds: float):
+        """A progress bar for one stage, in seconds of audio made (disabled unless generate(progress=True))."""
+        from tqdm import tqdm
+        self.where = f"{name} stage"
+        return tqdm(total=round(seconds, 2), desc=f"{name:>8}", unit="s", file=sys.stderr, leave=True,
+                    disable=not self.show_progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}]")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path = "pretrained", **overrides: str) -> "Pipeline":
@@ -149,6 +158,7 @@ class Pipeline:
         `semantic_ids` [B, T_s] (e.g. `self.semantic_ids(audio)`) replace the semantic stage's: AudioLM's
         acoustic resynthesis, or with another text a timbre transfer; `duration` is capped to T_s frames."""
         o = options or GenerationOptions()
+        self.show_progress, self.where = progress, "loading"
         if not 0 < duration <= MAX_SECONDS:
             raise UserError(f"duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {duration}")
         segments = story or [(t, 0.0) for t in (texts or [])]
@@ -193,8 +203,10 @@ class Pipeline:
         self.timings["fine"], t = time.perf_counter() - t, time.perf_counter()
         codes = torch.cat([coarse, fine], 1)
         self.last_codes = {"semantic": sem, "acoustic": codes}  # for inspection and tests
+        self.where = "codec (decoding)"
         wav = self.codec.decode(codes, length=prompt_len + int(round(duration * self.sample_rate)))
         self.timings["decode"] = time.perf_counter() - t
+        self.where = "done"
         return wav
 
     @torch.no_grad()
@@ -230,11 +242,13 @@ class Pipeline:
         W, C = self._windows(stage)
         out = prompt if prompt is not None else torch.zeros(len(cond_at(0.0)), 0, dtype=torch.long)
         total = out.shape[1] + n
-        while out.shape[1] < total:
-            ctx = out[:, -C:] if out.shape[1] > C else out   # keep at most C tokens of context
-            new = min(W - ctx.shape[1], total - out.shape[1])
-            m = cond_at(out.shape[1] / rate).expand(len(out), -1)[:, : stage.cfg.mulan_levels]
-            out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g)], 1)
+        with self._bar("semantic", n / rate) as bar:
+            while out.shape[1] < total:
+                ctx = out[:, -C:] if out.shape[1] > C else out   # keep at most C tokens of context
+                new = min(W - ctx.shape[1], total - out.shape[1])
+                m = cond_at(out.shape[1] / rate).expand(len(out), -1)[:, : stage.cfg.mulan_levels]
+                out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g)], 1)
+                bar.update(new / rate)
         return out
 
     def _coarse(self, cond_at, sem, n, s, prompt, g, rate):
@@ -246,13 +260,15 @@ class Pipeline:
         B = sem.shape[0] if sem is not None else len(cond_at(0.0))
         out = prompt[:, :q] if prompt is not None else torch.zeros(B, q, 0, dtype=torch.long)
         pos = out.shape[-1] // r   # semantic frames already covered by codes
-        while pos < n:
-            a = max(0, min(pos - C, n - W)) if pos > 0 else 0
-            end = min(a + W, n)
-            m = cond_at(pos / rate).expand(B, -1)[:, : stage.cfg.mulan_levels]
-            new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
-                                 prompt=out[..., a * r: pos * r], generator=g)
-            out, pos = torch.cat([out, new], -1), end
+        with self._bar("coarse" if stage.role == "coarse" else "acoustic", (n - pos) / rate) as bar:
+            while pos < n:
+                a = max(0, min(pos - C, n - W)) if pos > 0 else 0
+                end = min(a + W, n)
+                m = cond_at(pos / rate).expand(B, -1)[:, : stage.cfg.mulan_levels]
+                new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
+                                     prompt=out[..., a * r: pos * r], generator=g)
+                bar.update((end - pos) / rate)
+                out, pos = torch.cat([out, new], -1), end
         return out
 
     def _fine(self, coarse, s, prompt, g):
@@ -267,7 +283,9 @@ class Pipeline:
             known[..., : prompt.shape[-1]] = prompt[:, Qc:Qc + Qf]
         fold = lambda x: x.reshape(B, x.shape[1], n, W).transpose(1, 2).reshape(B * n, x.shape[1], W)  # noqa: E731
         padded = torch.cat([coarse, coarse[..., -1:].expand(-1, -1, n * W - T)], -1)
-        fine = stage.generate(fold(padded), s, generator=g, fine_prompt=fold(known))
+        with self._bar("fine", T / stage.cfg.acoustic_rate) as bar:
+            fine = stage.generate(fold(padded), s, generator=g, fine_prompt=fold(known))
+            bar.update(T / stage.cfg.acoustic_rate)
         return fine.reshape(B, n, Qf, W).transpose(1, 2).reshape(B, Qf, n * W)[..., :T]
 
     @torch.no_grad()

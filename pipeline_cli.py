@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from data.audio import load_audio, write_wav
 from pipeline import MAX_SECONDS, PARTS, ROOT, GenerationOptions, Pipeline, PipelineParts, load_parts
 
 
-def parse_story(items: list[str]) -> list[tuple[str, float]]:
+def parse_story(items: list[str], duration: float) -> list[tuple[str, float]]:
     story = []
     for item in items:
         text, _, start = item.rpartition(":")
@@ -24,6 +25,10 @@ def parse_story(items: list[str]) -> list[tuple[str, float]]:
             raise UserError(f"--story {item!r}: write TEXT:SECONDS, e.g. \"calm piano:0\"") from None
     if sorted(s for _, s in story) != [s for _, s in story] or story[0][1] != 0:
         raise UserError("--story segments must start at 0 and be in time order")
+    late = [f"{t!r} at {s:g} s" for t, s in story if s >= duration]
+    if late:
+        raise UserError(f"--story segment {late[0]} starts after the end (--duration {duration:g}); "
+                        "make --duration longer or start it earlier")
     return story
 
 
@@ -81,6 +86,7 @@ def main() -> None:
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
     ap.add_argument("--int8", action="store_true", help="stages generate with int8 weights (faster on CPU)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     for stage in ("semantic", "coarse", "fine"):
         for knob, tp in (("temperature", float), ("top-k", int), ("top-p", float)):
             ap.add_argument(f"--{stage}-{knob}", type=tp, default=None)
@@ -99,7 +105,9 @@ def main() -> None:
         raise UserError(f"--duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {args.duration}")
     if args.batch < 1 or args.rerank < 1:
         raise UserError("--batch and --rerank must be at least 1")
-    story = parse_story(args.story) if args.story else None
+    story = parse_story(args.story, args.duration) if args.story else None
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give a file name, e.g. --out {args.out / 'song.wav'}")
     out_dir = args.out.parent if str(args.out.parent) else Path(".")
     if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
         raise UserError(f"cannot write {args.out}: {out_dir} is not a writable folder")
@@ -138,17 +146,11 @@ def main() -> None:
     rows = 1 if story else len(texts)
     per = args.batch * args.rerank
     t1 = time.perf_counter()
-    if story:
-        wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts, prompt_audio=prompt,
-                                       semantic_ids=ids) for _ in range(per)])
-    else:
-        expanded = [t for t in texts for _ in range(per)]
-        wav = pipe.generate(expanded, args.duration, options=opts,
-                            prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None,
-                            semantic_ids=ids.expand(len(expanded), -1) if ids is not None else None)
-    if args.rerank > 1:
-        keys = [" ".join(texts)] if story else texts
-        wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank)
+    try:
+        wav = generate_all(pipe, args, story, texts, opts, prompt, ids, per)
+    except KeyboardInterrupt:
+        print(f"interrupted in the {pipe.where}; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
     gen_s = time.perf_counter() - t1
     for path, w in zip(out_paths(args.out, rows, args.batch), wav):
         write_wav(path, w[0].numpy(), pipe.sample_rate)
@@ -157,6 +159,24 @@ def main() -> None:
         print(f"wrote {path} ({w.shape[-1] / pipe.sample_rate:.1f} s at {pipe.sample_rate} Hz)")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
     print(f"loaded models in {load_s:.1f} s; generated in {gen_s:.1f} s ({times})")
+
+
+def generate_all(pipe, args, story, texts, opts, prompt, ids, per) -> torch.Tensor:
+    """Every requested clip: [rows * batch, 1, N] (reranked down to `batch` per prompt with --rerank)."""
+    progress = not args.quiet
+    if story:
+        wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts, prompt_audio=prompt,
+                                       semantic_ids=ids, progress=progress) for _ in range(per)])
+    else:
+        expanded = [t for t in texts for _ in range(per)]
+        wav = pipe.generate(expanded, args.duration, options=opts,
+                            prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None,
+                            semantic_ids=ids.expand(len(expanded), -1) if ids is not None else None,
+                            progress=progress)
+    if args.rerank > 1:
+        keys = [" ".join(texts)] if story else texts
+        wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank)
+    return wav
 
 
 def plot_single(wav: torch.Tensor, sr: int, path: Path, title: str) -> None:

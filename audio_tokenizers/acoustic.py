@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import griffin_lim, mel_filters, stft
-from common.checkpoint import hf_model_type, load_checkpoint, read_header
+from common.checkpoint import hf_model_type, load_checkpoint, load_weights, read_header
 from audio_tokenizers.codec_common import AcousticConfig, check_codes, fit_length, pad_to_frames, prepare
 from common.config import config_from_dict
 from common.errors import CheckpointError
@@ -154,7 +154,7 @@ def load_acoustic(path: str | Path | None = None):
     ck = load_checkpoint(path, kind=("acoustic_spectral", "acoustic_encodec"))
     cfg = config_from_dict(AcousticConfig, header["config"], str(path))
     model = build_codec(cfg)
-    model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()})
+    load_weights(model, ck.state_dict, path)
     return tokenizer_for(model)
 
 

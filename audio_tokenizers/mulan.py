@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from audio_tokenizers.acoustic import prepare
 from audio_tokenizers.rvq import ResidualVQ
 from audio_tokenizers.spectral import log_mel
-from common.checkpoint import hf_model_type, load_checkpoint
+from common.checkpoint import hf_model_type, load_checkpoint, load_weights
 from common.config import config_from_dict, register_config
 from common.errors import CheckpointError, UserError
 from common.training import RunConfig, check_fields
@@ -244,7 +244,7 @@ def load_conditioner(path: str | Path | None = None):
     cfg = config_from_dict(MuLanConfig, ck.config, str(path))
     proto = bytes(ck.state_dict["spm_proto"].numpy().tobytes())
     model = MuLan(cfg, None if cfg.text_pretrained_path else proto)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck.state_dict.items()})
+    load_weights(model, ck.state_dict, path)
     return model.eval()
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from audio_tokenizers.acoustic import prepare
 from audio_tokenizers.spectral import mel_filters, stft
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.config import config_from_dict, config_to_dict, register_config
 from common.errors import CheckpointError, ConfigError
 from common.training import RunConfig, check_fields
@@ -218,7 +218,7 @@ def load_semantic(path: str | Path | None = None) -> SemanticTokenizer:
     model = None
     if cfg.backend == "w2vbert":
         model = build_conformer(cfg)
-        model.load_state_dict({k[6:]: v.float() for k, v in ck.state_dict.items() if k.startswith("model.")})
+        load_weights(model, {k[6:]: v for k, v in ck.state_dict.items() if k.startswith("model.")}, path)
     return SemanticTokenizer(cfg, ck.state_dict["centroids"], model,
                              ck.state_dict.get("feature_mean"), ck.state_dict.get("feature_std"))
 

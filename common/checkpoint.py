@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, umask_mode
 
 FORMAT_VERSION = 1
 
@@ -62,6 +62,9 @@ def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any],
             save_file(tensors, str(tmp / "train_state.safetensors"))
             _write_json(tmp / "train_state.json", info)
         _fsync_dir(tmp)
+        os.chmod(tmp, umask_mode(directory=True))   # mkdtemp made it 0700
+        for f in tmp.iterdir():
+            os.chmod(f, umask_mode())
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,10 +226,27 @@ def read_header(path: str | Path) -> dict[str, Any]:
         header = json.loads(cfg_file.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{cfg_file} is corrupt (not JSON); re-save or re-download the checkpoint") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{cfg_file} holds {json.dumps(header)[:20]}, not a checkpoint header; re-save the checkpoint")
     for key in ("kind", "format_version", "config"):
         if key not in header:
             raise CheckpointError(f"{cfg_file} lacks '{key}'; it was not written by this project")
+    if not isinstance(header["config"], dict):
+        raise CheckpointError(f"{cfg_file} has no config (config: {json.dumps(header['config'])[:20]}); re-save the checkpoint")
     return header
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """module.load_state_dict (floats as float32), with a one-line error when the weights do not fit the model
+    the checkpoint's config describes (a missing tensor, another size)."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        detail = next((l for l in lines if l.startswith(("Missing", "Unexpected", "size mismatch"))), lines[-1])
+        raise CheckpointError(f"{path}: the weights do not fit the model its config.json describes "
+                              f"({detail[:160]}); the checkpoint is damaged or was edited, re-save it") from None
 
 
 def hf_model_type(path: str | Path) -> str | None:

@@ -38,3 +38,12 @@ def run_cli(main: Callable[[], object]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (0666) or folder (0777) gets under the process umask: what a temporary file, created
+    0600/0700 for safety, should have once it is renamed into place."""
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask

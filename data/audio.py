@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from common.errors import AudioError
+from common.errors import AudioError, umask_mode
 
 SILENCE_DBFS = -60.0
 
@@ -74,6 +74,7 @@ def write_wav(path: str | Path, wav: np.ndarray, sample_rate: int) -> None:
     os.close(fd)
     try:
         sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV")
+        os.chmod(tmp, umask_mode())   # mkstemp made it 0600; a WAV is for others to open too
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

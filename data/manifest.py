@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import soundfile as sf
 
-from common.errors import AudioError, UserError, run_cli
+from common.errors import AudioError, UserError, run_cli, umask_mode
 from data.audio import load_audio
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}
@@ -60,6 +60,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     with os.fdopen(fd, "w") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+    os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
 
 

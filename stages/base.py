@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from common.checkpoint import load_checkpoint, read_header, save_checkpoint
+from common.checkpoint import load_checkpoint, load_weights, read_header, save_checkpoint
 from common.config import config_from_dict, config_to_dict, register_config
 from common.errors import CheckpointError, ConfigError
 from common.training import RunConfig, check_fields
@@ -157,7 +157,7 @@ def load_stage(path: str | Path, role: str | tuple[str, ...] | None = None):
         raise CheckpointError(f"{path} is a {stage_role(cfg)} stage ({cfg.kind}), not a {' or '.join(wanted)} "
                               "stage; pass a checkpoint trained for that role")
     stage = build_stage(cfg)
-    stage.model.load_state_dict({k: v.float() for k, v in ck.state_dict.items()})
+    load_weights(stage.model, ck.state_dict, path)
     stage.model.eval()
     stage.meta = ck.meta
     return stage

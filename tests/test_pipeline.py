@@ -93,7 +93,8 @@ def test_stage_trained_on_another_semantic_tokenizer_is_refused(parts, tmp_path,
 
 @pytest.mark.parametrize("case", ["empty", "zero", "long", "stage_name", "missing", "truncated", "wrong_kind",
                                   "bad_prompt", "silent_prompt", "unwritable", "story", "top_p_zero", "guidance_nan",
-                                  "negative_temperature", "zero_steps", "semantic_from_bad", "two_sources"])
+                                  "negative_temperature", "zero_steps", "semantic_from_bad", "two_sources",
+                                  "out_is_folder", "story_after_end", "config_null", "missing_tensor", "wrong_dim"])
 def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o.wav"
     args = ["--text", "calm piano", "--duration", "1", "--out", out]
@@ -132,6 +133,28 @@ def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypa
     elif case == "semantic_from_bad":
         (tmp_path / "s.wav").write_bytes(b"nope")
         args += ["--semantic-from", tmp_path / "s.wav"]
+    elif case == "out_is_folder":
+        (tmp_path / "songs").mkdir()
+        args[5] = tmp_path / "songs"
+    elif case == "story_after_end":
+        args = ["--story", "calm:0", "drums:1.5", "--duration", "1", "--out", out]
+    elif case in ("config_null", "missing_tensor", "wrong_dim"):
+        import json
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+        shutil.copytree(parts / "coarse", tmp_path / "coarse")
+        header, weights = tmp_path / "coarse" / "config.json", tmp_path / "coarse" / "model.safetensors"
+        if case == "config_null":
+            header.write_text("null")
+        elif case == "missing_tensor":
+            w = load_file(str(weights))
+            save_file({k: v for k, v in w.items() if not k.startswith("blocks.0.qkv")}, str(weights))
+        else:
+            h = json.loads(header.read_text())
+            h["config"]["dim"] = 64
+            header.write_text(json.dumps(h))
+        swap["coarse"] = tmp_path / "coarse"
     elif case == "two_sources":
         sf.write(tmp_path / "p.wav", np.sin(np.arange(24000) / 10).astype(np.float32) * 0.3, 24000)
         args += ["--prompt-audio", tmp_path / "p.wav", "--semantic-from", tmp_path / "p.wav"]
@@ -169,3 +192,37 @@ def test_shipped_models_fit_together_and_generate():
     wav = pipe.generate(["a calm solo piano piece in C major"], duration=1.0)
     assert wav.shape == (1, 1, pipe.sample_rate) and pipe.sample_rate == 24000
     assert torch.isfinite(wav).all() and 0.001 < float(wav.abs().max()) <= 1.0
+
+
+def test_progress_bars_quiet_and_where_an_interrupt_landed(parts, tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "--text", "calm", "--duration", "1", "--out", tmp_path / "a.wav",
+                       *stage_args(parts))
+    assert code == 0 and "semantic: 100%" in err and "coarse: 100%" in err and "s of audio" in err
+    code, _, err = cli(monkeypatch, capsys, "--text", "calm", "--duration", "1", "--out", tmp_path / "b.wav", "--quiet",
+                       *stage_args(parts))
+    assert code == 0 and "%" not in err
+    from stages.coarse import CoarseStage
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(CoarseStage, "generate", interrupted)
+    code, _, err = cli(monkeypatch, capsys, "--text", "calm", "--duration", "1", "--out", tmp_path / "c.wav", "--quiet",
+                       *stage_args(parts))
+    assert code == 130 and "interrupted in the coarse stage; nothing was written" in err
+    assert not (tmp_path / "c.wav").exists()
+
+
+def test_files_honour_the_umask(parts, tmp_path, monkeypatch, capsys):
+    import os
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli(monkeypatch, capsys, "--text", "calm", "--duration", "1", "--out", tmp_path / "a.wav",
+                           "--quiet", *stage_args(parts))
+        cfg = load_config(StageConfig, ROOT / "configs/debug/coarse.yaml")
+        save_stage(build_stage(cfg), tmp_path / "ck")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert oct((tmp_path / "a.wav").stat().st_mode & 0o777) == "0o644"
+    assert oct((tmp_path / "ck").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
