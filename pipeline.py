@@ -211,18 +211,19 @@ class Pipeline:
 
     @torch.no_grad()
     def render(self, condition: torch.Tensor, semantic_ids: torch.Tensor | None = None, coarse: torch.Tensor | None = None,
-               options: GenerationOptions | None = None) -> torch.Tensor:
+               options: GenerationOptions | None = None, fine: bool = True) -> torch.Tensor:
         """The acoustic stages alone, from given tokens (the stage-wise oracle's rows): MuLan tokens
         [B, Q_m] + semantic ids [B, T_s] -> codec codes [B, Q, T_s * ratio]; with `coarse` codes
-        [B, Q_c, T] only the fine stage runs. Decode with `self.codec.decode`."""
+        [B, Q_c, T] only the fine stage runs; with fine=False only the coarse one. Decode with `self.codec.decode`."""
         o = options or GenerationOptions()
         s, g = self._sampling(o), torch.Generator().manual_seed(o.seed)
         torch.manual_seed(o.seed)
         if coarse is None:
             rate = self.parts["semantic_tokenizer"].frame_rate
             coarse = self._coarse(lambda sec: condition, semantic_ids, semantic_ids.shape[1], s["coarse"], None, g, rate)
-        fine = self._fine(coarse, s["fine"], None, g) if self.parts["fine"] is not None else coarse[:, :0]
-        return torch.cat([coarse, fine], 1)
+        if not fine or self.parts["fine"] is None:
+            return coarse
+        return torch.cat([coarse, self._fine(coarse, s["fine"], None, g)], 1)
 
     def _sampling(self, o: GenerationOptions) -> dict:
         from stages.sampling import Sampling

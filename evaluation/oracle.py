@@ -9,6 +9,8 @@ Each row hands the chain the truth of a real clip down to some point and runs th
     codec               encode -> decode, all levels
     coarse_only         the true coarse levels alone, decoded
     fine_stage          true coarse codes + fine codes sampled by the fine stage
+    coarse_stage_only   true semantic ids + the clip's MuLan audio tokens -> the coarse stage's levels alone
+                        (beside coarse_only: what the coarse stage loses, without the fine stage's part)
     coarse_stage        true semantic ids + the clip's own MuLan audio tokens -> coarse (+ fine) stages
     coarse_stage_text   true semantic ids + the MuLan text tokens of its caption -> coarse (+ fine) stages
     chain               the whole pipeline from the caption
@@ -35,7 +37,8 @@ from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
 
-ROWS = ("original", "codec", "coarse_only", "fine_stage", "coarse_stage", "coarse_stage_text", "chain")
+ROWS = ("original", "codec", "coarse_only", "fine_stage", "coarse_stage_only", "coarse_stage", "coarse_stage_text",
+        "chain")
 
 
 def pick_clips(manifests: list[Path], per_label: int, limit: int) -> list[dict]:
@@ -65,8 +68,9 @@ def row_codes(name: str, pipe, x: torch.Tensor, captions: list[str], options) ->
     if name == "fine_stage":
         return None if pipe.parts["fine"] is None else pipe.render(None, coarse=codes[:, :qc], options=options)
     sem = pipe.semantic_ids(x)
-    if name == "coarse_stage":
-        return pipe.render(mulan.tokens(mulan.embed_audio(x, pipe.sample_rate)), sem, options=options)
+    if name in ("coarse_stage", "coarse_stage_only"):
+        return pipe.render(mulan.tokens(mulan.embed_audio(x, pipe.sample_rate)), sem, options=options,
+                           fine=name == "coarse_stage")
     if name == "coarse_stage_text":
         return pipe.render(mulan.tokens(mulan.embed_text(captions)), sem, options=options)
     raise ValueError(name)

@@ -63,7 +63,7 @@ class DelayStage:
         fine = cfg.role == "fine"   # as MusicLM's fine stage: reads the coarse codes, no text, no semantic ids
         self.model = FrameModel(self.hi - self.lo, cfg.acoustic_codebook, 0 if fine else cfg.mulan_levels,
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
-                                self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout)
+                                self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""
@@ -85,6 +85,9 @@ class DelayStage:
         B, K, T = codes.shape
         target = delay(codes, self.model.empty)
         inputs = torch.cat([target.new_full((B, K, 1), self.model.empty), target[..., :-1]], -1)
+        if (model or self.model).training and self.cfg.code_dropout > 0:   # hide some of the history: lean on the
+            hide = torch.rand(inputs.shape, device=device) < self.cfg.code_dropout   # condition, not on copying
+            inputs = inputs.masked_fill(hide, self.model.empty)
         semantic = frame_rate_ids(batch["semantic"].to(device), self.ratio, T)
         known = batch["acoustic"][:, :self.lo].to(device) if self.role == "fine" else None
         cond = self.cond(batch["mulan"].to(device), None if drop_cond is None else drop_cond.to(device))
@@ -128,7 +131,8 @@ class DelayStage:
         model, (B, K, T) = self.model, codes.shape
         guided = null is not None and s.guidance != 1.0
         both = lambda x: None if x is None else (torch.cat([x, x]) if guided else x)  # noqa: E731
-        semantic, known = both(extend(semantic, T + K - 1)), both(extend(known, T + K - 1))
+        semantic = model.semantic_features(both(extend(semantic, T + K - 1)))
+        known = both(extend(known, T + K - 1))
         prefix = model.embed_prefix(torch.cat([cond, null]) if guided else cond)
         levels = torch.arange(K)
 
@@ -141,8 +145,8 @@ class DelayStage:
             if b <= a:
                 return prefix[:, :0]
             cols = torch.stack([column(j) for j in range(a - 1, b - 1)], -1)
-            sl = lambda x: None if x is None else x[..., a:b]  # noqa: E731
-            return model.embed_frames(both(cols), sl(semantic), sl(known))
+            return model.embed_frames(both(cols), None if semantic is None else semantic[:, a:b],
+                                      None if known is None else known[..., a:b])
 
         # steps whose outputs are all known (a prompt filling every row) are fed in one call
         P = int((codes >= 0).all(1).all(0).long().cumprod(0).sum())

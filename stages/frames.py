@@ -30,13 +30,17 @@ class FrameModel(nn.Module):
     as input (0 for coarse/acoustic roles); semantic_codebook 0 switches the semantic input off."""
 
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
-                 known_levels: int, dim: int, depth: int, heads: int, dropout: float):
+                 known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
         self.cond = nn.Embedding(cond_levels * (cond_codebook + 1), dim)
         self.register_buffer("cond_offsets", torch.arange(cond_levels) * (cond_codebook + 1), persistent=False)
         self.semantic = nn.Embedding(semantic_codebook, dim) if semantic_codebook else None
+        # with semantic_context c, each frame also sees the ids of the c frames either side (a convolution over the
+        # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
+        self.semantic_conv = nn.Conv1d(dim, dim, 2 * semantic_context + 1, padding=semantic_context) \
+            if semantic_codebook and semantic_context else None
         self.known = nn.Embedding(known_levels * codebook, dim) if known_levels else None
         self.register_buffer("known_offsets", torch.arange(known_levels) * codebook, persistent=False)
         self.codes = nn.Embedding(levels * (codebook + 2), dim)
@@ -57,13 +61,22 @@ class FrameModel(nn.Module):
         """MuLan tokens [B, Q_m] (null id = codebook) -> [B, Q_m, D]."""
         return self.cond(cond + self.cond_offsets)
 
+    def semantic_features(self, semantic: torch.Tensor | None) -> torch.Tensor | None:
+        """Semantic ids [B, T] at the frame rate -> what is summed into each frame [B, T, D] (None: no input)."""
+        if self.semantic is None or semantic is None:
+            return None
+        x = self.semantic(semantic)
+        if self.semantic_conv is not None:
+            x = x + self.semantic_conv(x.transpose(1, 2)).transpose(1, 2)
+        return x
+
     def embed_frames(self, codes: torch.Tensor, semantic: torch.Tensor | None = None,
                      known: torch.Tensor | None = None) -> torch.Tensor:
-        """codes [B, K, T] (ids, EMPTY or MASK), semantic [B, T] at the frame rate, known [B, K_known, T]
-        -> the summed input embeddings [B, T, D]."""
+        """codes [B, K, T] (ids, EMPTY or MASK), semantic features [B, T, D] (`semantic_features`), known
+        [B, K_known, T] -> the summed input embeddings [B, T, D]."""
         x = self.codes(codes + self.code_offsets[:, None]).sum(1)
-        if self.semantic is not None and semantic is not None:
-            x = x + self.semantic(semantic)
+        if semantic is not None:
+            x = x + semantic
         if self.known is not None and known is not None:
             x = x + self.known(known + self.known_offsets[:, None]).sum(1)
         return x
@@ -75,7 +88,7 @@ class FrameModel(nn.Module):
     def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,
                 known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
         """The whole sequence at once (training, scoring) -> logits [B, T, K, V] of the frame positions."""
-        x = torch.cat([self.embed_prefix(cond), self.embed_frames(codes, semantic, known)], 1)
+        x = torch.cat([self.embed_prefix(cond), self.embed_frames(codes, self.semantic_features(semantic), known)], 1)
         return self.logits(run_blocks(self.blocks, x, self.heads, 0, None, mask)[:, cond.shape[1]:])
 
     def new_cache(self) -> list[dict]:

@@ -110,6 +110,7 @@ class MaskedStage(DelayStage):
         guided = null is not None and s.guidance != 1.0
         both = lambda x: None if x is None else (torch.cat([x, x]) if guided else x)  # noqa: E731
         cond_rows = torch.cat([cond, null]) if guided else cond
+        sem_rows = both(semantic)
         steps = list(s.steps) if isinstance(s.steps, (list, tuple)) else [s.steps]
         for k in range(K):
             todo = codes[:, k] < 0
@@ -122,7 +123,7 @@ class MaskedStage(DelayStage):
                 masked = codes[:, k] < 0
                 share = math.cos(math.pi / 2 * i / n_steps)          # masked share now: anneals guidance
                 x = self.inputs(codes.clamp(min=0), k, masked)
-                logits = self.model(cond_rows, both(x), both(semantic), both(known), mask_k)[:, :, k].float()
+                logits = self.model(cond_rows, both(x), sem_rows, both(known), mask_k)[:, :, k].float()
                 if guided:
                     scale = s.guidance if s.guidance_end is None else share * s.guidance + (1 - share) * s.guidance_end
                     logits = cfg_mix(logits[:B], logits[B:], scale)

@@ -151,3 +151,30 @@ def test_a_new_kind_is_one_file_and_one_registry_line(parts, tmp_path):
     pipe = Pipeline(load_parts(paths(parts, coarse=tmp_path / "toy_debug")))
     wav = pipe.generate(["fast drums"], 1.0)
     assert wav.shape == (1, 1, 24000) and pipe.parts["coarse"].kind == "toy"
+
+
+def test_semantic_context_lets_a_frame_see_the_ids_ahead(tmp_path, cache):
+    torch.manual_seed(0)
+    b, _ = batch_at(cache, cache.rows("train"), delay_cfg(tmp_path), 0, 2)
+    later = {**b, "semantic": b["semantic"].clone()}
+    later["semantic"][:, 12:] = (later["semantic"][:, 12:] + 1) % 16       # ids from frame 24 on change
+    for context, sees in ((0, False), (2, True)):
+        stage = build_stage(delay_cfg(tmp_path, "coarse", semantic_context=context))
+        stage.model.eval()
+        seen = []
+        stage.model.forward = (lambda f: lambda *a, **k: seen.append(f(*a, **k)) or seen[-1])(stage.model.forward)
+        stage.loss(b, None)
+        stage.loss(later, None)
+        assert torch.allclose(seen[0][:, :22], seen[1][:, :22], atol=1e-5)       # 2+ frames before: unchanged
+        assert torch.allclose(seen[0][:, 22:24], seen[1][:, 22:24], atol=1e-5) != sees   # just before: only with context
+
+
+def test_code_dropout_hides_history_in_training_only(tmp_path, cache):
+    torch.manual_seed(0)
+    stage = build_stage(delay_cfg(tmp_path, "coarse", code_dropout=0.5))
+    b, _ = batch_at(cache, cache.rows("train"), stage.cfg, 0, 2)
+    stage.model.eval()
+    a1, a2 = float(stage.loss(b, None)["loss"]), float(stage.loss(b, None)["loss"])
+    stage.model.train()
+    t1, t2 = float(stage.loss(b, None)["loss"]), float(stage.loss(b, None)["loss"])
+    assert a1 == a2 and t1 != t2

@@ -132,7 +132,8 @@ def test_oracle_scores_every_row_on_labelled_clips(parts, tmp_path, monkeypatch)
     res = json.loads((tmp_path / "or/oracle.json").read_text())
     assert res["clips"] == 2 and res["labels"] == 2
     rows = res["rows"]
-    assert list(rows) == ["original", "codec", "coarse_only", "fine_stage", "coarse_stage", "coarse_stage_text", "chain"]
+    assert list(rows) == ["original", "codec", "coarse_only", "fine_stage", "coarse_stage_only", "coarse_stage",
+                          "coarse_stage_text", "chain"]
     assert rows["original"]["instrument_acc"] == 1.0 and "mel_distance" not in rows["original"]
     assert all(0 <= r["instrument_acc"] <= 1 for r in rows.values())
     assert rows["codec"]["mel_distance"] > 0 and "mel_distance" not in rows["chain"]
