@@ -152,11 +152,14 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, texts: list[str] | None = None, duration: float = 10.0, story: list[tuple[str, float]] | None = None,
                  prompt_audio: torch.Tensor | None = None, options: GenerationOptions | None = None,
-                 progress: bool = False, semantic_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 progress: bool = False, semantic_ids: torch.Tensor | None = None,
+                 melody: torch.Tensor | None = None) -> torch.Tensor:
         """Prompts (or a story: [(text, start seconds)]) -> audio [B, 1, N] at the codec's rate; with
         `prompt_audio` [B, 1, P] the output is the prompt (cut to whole token frames) plus `duration`.
         `semantic_ids` [B, T_s] (e.g. `self.semantic_ids(audio)`) replace the semantic stage's: AudioLM's
-        acoustic resynthesis, or with another text a timbre transfer; `duration` is capped to T_s frames."""
+        acoustic resynthesis, or with another text a timbre transfer; `duration` is capped to T_s frames.
+        `melody` [1 or B, 1, N] (at the codec's rate): a recording whose tune the semantic stage follows
+        (MusicGen's melody conditioning; a semantic stage trained with melody_input)."""
         o = options or GenerationOptions()
         self.show_progress, self.where = progress, "loading"
         if not 0 < duration <= MAX_SECONDS:
@@ -192,7 +195,8 @@ class Pipeline:
                 raise UserError("give either a prompt audio or the semantic ids of a recording, not both")
             sem = semantic_ids[:, :n_sem]
         elif self.parts["coarse"].cfg.semantic_input:
-            sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate)
+            tune = self._melody(melody, len(conds[0][1]), (0 if sem_prompt is None else sem_prompt.shape[1]), n_sem)
+            sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate, tune)
         else:   # an acoustic stage that reads no semantic ids (MusicGen): the semantic stage is skipped
             sem = None
         self.timings["semantic"], t = time.perf_counter() - t, time.perf_counter()
@@ -238,7 +242,20 @@ class Pipeline:
         w = max(2, int(round(stage.cfg.window_seconds * stage.cfg.semantic_rate)))
         return w, w // 2
 
-    def _semantic(self, cond_at, n, s, prompt, g, rate):
+    def _melody(self, melody: torch.Tensor | None, B: int, prompt: int, n: int) -> torch.Tensor | None:
+        """Melody ids [B, prompt + n] of a recording (no melody over the prompt and past its end), or None."""
+        if melody is None:
+            return None
+        from audio_tokenizers.melody import NONE, melody_ids
+        if not self.parts["semantic"].cfg.melody_input:
+            raise UserError("this semantic stage was trained without a melody input; pass one trained with "
+                            "melody_input=true (--stage semantic=PATH) or leave out --melody")
+        ids = melody_ids(melody, self.sample_rate, self.parts["semantic_tokenizer"].frame_rate)[:, :n]
+        tune = torch.full((ids.shape[0], prompt + n), NONE, dtype=torch.long)
+        tune[:, prompt: prompt + ids.shape[1]] = ids
+        return tune.expand(B, -1) if len(tune) == 1 else tune
+
+    def _semantic(self, cond_at, n, s, prompt, g, rate, melody=None):
         stage = self.parts["semantic"]
         W, C = self._windows(stage)
         out = prompt if prompt is not None else torch.zeros(len(cond_at(0.0)), 0, dtype=torch.long)
@@ -248,7 +265,8 @@ class Pipeline:
                 ctx = out[:, -C:] if out.shape[1] > C else out   # keep at most C tokens of context
                 new = min(W - ctx.shape[1], total - out.shape[1])
                 m = cond_at(out.shape[1] / rate).expand(len(out), -1)[:, : stage.cfg.mulan_levels]
-                out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g)], 1)
+                tune = {} if melody is None else {"melody": melody[:, out.shape[1] - ctx.shape[1]: out.shape[1] + new]}
+                out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g, **tune)], 1)
                 bar.update(new / rate)
         return out
 

@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--semantic-from", type=Path, default=None, metavar="AUDIO",
                     help="semantic ids from this recording instead of the semantic stage (acoustic resynthesis; "
                          "with another --text, a timbre transfer); --duration is capped to its length")
+    ap.add_argument("--melody", type=Path, default=None, metavar="AUDIO",
+                    help="a recording whose tune the music follows (a semantic stage trained with melody_input)")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
     ap.add_argument("--int8", action="store_true", help="stages generate with int8 weights (faster on CPU)")
@@ -115,17 +117,27 @@ def main() -> None:
     if args.prompt_audio and args.semantic_from:
         raise UserError("give either --prompt-audio (continue a recording) or --semantic-from (re-render one), not both")
     prompt = source = None
-    for flag, path in (("--prompt-audio", args.prompt_audio), ("--semantic-from", args.semantic_from)):
+    tune = None
+    for flag, path in (("--prompt-audio", args.prompt_audio), ("--semantic-from", args.semantic_from),
+                       ("--melody", args.melody)):
         if path:
             try:
                 audio = torch.from_numpy(load_audio(path, 24000))[None, None]
             except AudioError as e:
                 raise UserError(f"{flag} {e}") from None
-            prompt, source = (audio, source) if flag == "--prompt-audio" else (prompt, audio)
+            if flag == "--prompt-audio":
+                prompt = audio
+            elif flag == "--semantic-from":
+                source = audio
+            else:
+                tune = audio
 
     t0 = time.perf_counter()
     pipe = Pipeline(load_parts(paths), int8=args.int8)
     load_s = time.perf_counter() - t0
+    if tune is not None and not pipe.parts["semantic"].cfg.melody_input:
+        raise UserError("--melody needs a semantic stage trained with melody_input=true; pass one with "
+                        "--stage semantic=PATH or leave out --melody")
     if prompt is not None and pipe.sample_rate != 24000:
         prompt = torch.from_numpy(load_audio(args.prompt_audio, pipe.sample_rate))[None, None]
     ids = None
@@ -147,7 +159,7 @@ def main() -> None:
     per = args.batch * args.rerank
     t1 = time.perf_counter()
     try:
-        wav = generate_all(pipe, args, story, texts, opts, prompt, ids, per)
+        wav = generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune)
     except KeyboardInterrupt:
         print(f"interrupted in the {pipe.where}; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
@@ -161,18 +173,18 @@ def main() -> None:
     print(f"loaded models in {load_s:.1f} s; generated in {gen_s:.1f} s ({times})")
 
 
-def generate_all(pipe, args, story, texts, opts, prompt, ids, per) -> torch.Tensor:
+def generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune=None) -> torch.Tensor:
     """Every requested clip: [rows * batch, 1, N] (reranked down to `batch` per prompt with --rerank)."""
     progress = not args.quiet
     if story:
         wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts, prompt_audio=prompt,
-                                       semantic_ids=ids, progress=progress) for _ in range(per)])
+                                       semantic_ids=ids, progress=progress, melody=tune) for _ in range(per)])
     else:
         expanded = [t for t in texts for _ in range(per)]
         wav = pipe.generate(expanded, args.duration, options=opts,
                             prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None,
                             semantic_ids=ids.expand(len(expanded), -1) if ids is not None else None,
-                            progress=progress)
+                            progress=progress, melody=tune)
     if args.rerank > 1:
         keys = [" ".join(texts)] if story else texts
         wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank)

@@ -14,10 +14,11 @@ import torch
 from tqdm import tqdm
 
 from audio_tokenizers.acoustic import load_acoustic
+from audio_tokenizers.melody import SILENT, melody_ids
 from audio_tokenizers.mulan import load_conditioner
 from audio_tokenizers.semantic import load_semantic
-from common.errors import UserError
-from data.audio import crop_or_pad
+from common.errors import AudioError, UserError
+from data.audio import crop_or_pad, load_audio
 from data.manifest import SkipCounter, iter_audio, read_manifest
 from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, describe, text_tokens,
                            write_cache)
@@ -40,6 +41,30 @@ def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, re
     print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
 
 
+def melody_array(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames: int) -> np.ndarray:
+    """Melody ids of clips [B, 1, N], cut or padded (SILENT) to the semantic arrays' `frames`."""
+    ids = melody_ids(wav, sample_rate, frame_rate)[:, :frames]
+    return np.pad(ids.numpy(), ((0, 0), (0, frames - ids.shape[1])), constant_values=SILENT).astype(np.int16)
+
+
+def add_melody(out: Path) -> None:
+    """Write melody.npy for an existing cache from its clips' audio (the paths its index records); a clip
+    whose file is gone or unreadable gets SILENT throughout, and is counted."""
+    cache = TokenCache(out)
+    ix, frames = cache.index, cache.arrays["semantic"].shape[1]
+    sr, n = ix["acoustic"]["sample_rate"], int(ix["seconds"] * ix["acoustic"]["sample_rate"])
+    ids, skips = np.full((len(ix["clips"]), frames), SILENT, dtype=np.int16), SkipCounter()
+    for i, clip in enumerate(tqdm(ix["clips"], desc="melody", mininterval=5.0)):
+        try:
+            wav = crop_or_pad(load_audio(clip["audio"], sr), n)
+        except AudioError as e:
+            skips.add(e)
+            continue
+        ids[i] = melody_array(torch.from_numpy(wav)[None, None], sr, ix["semantic"]["frame_rate"], frames)[0]
+    write_cache(out, {"melody": ids})
+    print(f"wrote the melody ids of {len(ids)} clips to {out / 'melody.npy'}; {skips.summary()}")
+
+
 def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], seconds: float,
              rephrasings: int = REPHRASINGS) -> int:
     acoustic, semantic, mulan = load_acoustic(paths["acoustic"]), load_semantic(paths["semantic"]), \
@@ -54,16 +79,18 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
         if old["tokenizer_hashes"] != hashes:
             raise UserError(f"{out} was made by other tokenizers ({old['tokenizer_hashes']} vs {hashes}); "
                             "use a new --out folder")
-        if "mulan_text" not in existing.arrays:
-            raise UserError(f"{out} has no text tokens yet; add them first with --text-only, then append")
+        for name, flag in (("mulan_text", "--text-only"), ("melody", "--melody-only")):
+            if name not in existing.arrays:
+                raise UserError(f"{out} has no {name}.npy yet; add it first with {flag}, then append")
     n = int(seconds * acoustic.sample_rate)
-    skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in ARRAYS}
+    skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in (*ARRAYS, "melody")}
 
     def encode(batch: list[np.ndarray]) -> None:   # batches of clips: fewer, larger matrix products
         x = torch.from_numpy(np.stack(batch))[:, None]
         arrays["acoustic"].extend(acoustic.encode(x).numpy().astype(np.int16))
         arrays["semantic"].extend(semantic.encode(x).numpy().astype(np.int16))
         arrays["mulan"].extend(mulan.tokens(mulan.embed_audio(x)).numpy().astype(np.int16))
+        arrays["melody"].extend(melody_array(x, acoustic.sample_rate, semantic.frame_rate, arrays["semantic"][-1].shape[-1]))
         batch.clear()
 
     for manifest in manifests:
@@ -83,7 +110,7 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
         raise UserError(f"no readable audio in {', '.join(map(str, manifests))}; {skips.summary()}")
     arrays["mulan_text"] = text_tokens(mulan, metas, rephrasings)
     stacked = {}
-    for k in (*ARRAYS, "mulan_text"):
+    for k in (*ARRAYS, "mulan_text", "melody"):
         stacked[k] = np.stack(arrays[k])
         if old is not None:
             stacked[k] = np.concatenate([np.load(out / f"{k}.npy"), stacked[k]])
@@ -97,19 +124,27 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Tokenize manifests once into a cache the stages train from.")
-    ap.add_argument("--manifest", type=Path, action="append", required=True)
+    ap.add_argument("--manifest", type=Path, action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--acoustic"), ap.add_argument("--semantic"), ap.add_argument("--mulan")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rephrasings", type=int, default=REPHRASINGS, help="captions per clip in mulan_text.npy")
     ap.add_argument("--text-only", action="store_true", help="only add text tokens to the existing cache --out")
+    ap.add_argument("--melody-only", action="store_true", help="only add melody ids to the existing cache --out")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.rephrasings < 1:
         raise UserError("--rephrasings must be at least 1 (the clip's own caption)")
     if args.text_only:
+        if not args.manifest:
+            raise UserError("--text-only needs the --manifest files of the cache's clips (their metadata)")
         add_text_tokens(args.manifest, args.out, args.mulan, args.rephrasings)
         return
+    if args.melody_only:
+        add_melody(args.out)
+        return
+    if not args.manifest:
+        raise UserError("give at least one --manifest (a JSONL of clips) to tokenize")
     tokenize(args.manifest, args.out, {"acoustic": args.acoustic, "semantic": args.semantic, "mulan": args.mulan},
              args.seconds, args.rephrasings)

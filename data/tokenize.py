@@ -7,14 +7,16 @@ writes caches; running the tokenizers is audio_tokenizers/tokenize.py (the comma
 Writes memory-mappable arrays (one row per clip, cropped or padded to `--seconds`):
 `acoustic.npy` [N, Q, T_a], `semantic.npy` [N, T_s], `mulan.npy` [N, Q_m] (MuLan tokens of the
 clip's audio), `mulan_text.npy` [N, R, Q_m] (MuLan tokens of R captions of the clip: its own
-caption first, then R - 1 re-phrasings from its metadata by data.captions.describe) (int16) and
+caption first, then R - 1 re-phrasings from its metadata by data.captions.describe), `melody.npy`
+[N, T_s] (the dominant pitch class per semantic frame, audio_tokenizers/melody.py) (int16) and
 `index.json` (clips with their split, the shapes, vocabularies and frame rates, and a hash of
 each tokenizer checkpoint). Appending to an existing cache is allowed only with the very
 same tokenizers: a cache never mixes tokens from different ones.
 
     python -m data.tokenize --text-only --manifest ... --out cache/corpus [--mulan PATH] [--rephrasings 8]
 
-adds (or replaces) `mulan_text.npy` of an existing cache, with the MuLan that made its audio tokens.
+adds (or replaces) `mulan_text.npy` of an existing cache, with the MuLan that made its audio tokens;
+`--melody-only` likewise adds `melody.npy` (from the clips' audio).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from common.errors import UserError, run_cli
 
 ARRAYS = ("acoustic", "semantic", "mulan")
+OPTIONAL = ("mulan_text", "melody")   # caches made before these existed lack them
 BATCH = 8
 REPHRASINGS = 8
 
@@ -53,7 +56,7 @@ class TokenCache:
         try:
             self.index = json.loads((self.root / "index.json").read_text())
             n = len(self.index["clips"])
-            names = list(ARRAYS) + (["mulan_text"] if (self.root / "mulan_text.npy").is_file() else [])
+            names = list(ARRAYS) + [k for k in OPTIONAL if (self.root / f"{k}.npy").is_file()]
             self.arrays = {k: np.load(self.root / f"{k}.npy", mmap_mode="r") for k in names}
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise UserError(f"the token cache {self.root} is damaged ({type(e).__name__}: {str(e)[:80]}); {remake}") from None
@@ -76,6 +79,9 @@ class TokenCache:
                "mulan": torch.from_numpy(self.arrays["mulan"][rows].astype(np.int64))}
         if "mulan_text" in self.arrays:
             out["mulan_text"] = torch.from_numpy(self.arrays["mulan_text"][rows].astype(np.int64))
+        if "melody" in self.arrays:
+            out["melody"] = torch.from_numpy(np.stack([self.arrays["melody"][r, s: s + semantic_frames]
+                                                       for r, s in zip(rows, start_s)]).astype(np.int64))
         return out
 
 

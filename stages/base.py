@@ -44,6 +44,8 @@ class StageConfig(RunConfig):
     window_seconds: float = 10.0      # training window; the fine stage uses ~3 s
     semantic_tokens: str = ""         # fingerprint of the semantic tokenizer whose ids trained it ("" = unchecked)
     semantic_input: bool = True       # frame-aligned acoustic kinds: sum the semantic ids into their frames
+    melody_input: bool = False        # semantic stage: sum the melody id of each frame into its input (--melody)
+    melody_dropout: float = 0.5       # the chance a training row gets no melody (text-only prompts keep working)
     semantic_context: int = 0         # frame-aligned kinds: each frame also sees the semantic ids of +-c frames
     code_dropout: float = 0.0         # delay kind: share of the input history hidden in training (leans on the condition)
     span: int = 3                     # masked kind: frames per masked span (MAGNeT: 3 = 60 ms at 50 Hz)
@@ -72,7 +74,8 @@ class StageConfig(RunConfig):
                                      "coarse_levels", "semantic_rate", "acoustic_rate", "window_seconds", "span",
                                      "dim", "depth", "heads", "eval_batches"),
                      at_least_zero=("fine_levels", "context_window", "semantic_context"),
-                     unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout", "code_dropout"))
+                     unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout", "code_dropout",
+                           "melody_dropout"))
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ConfigError(f"dim={self.dim} must be a multiple of 2 x heads={self.heads} (rotary halves)")
         if self.role and self.role not in ROLES:

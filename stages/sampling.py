@@ -57,14 +57,16 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
 @torch.inference_mode()   # like no_grad, minus the per-op autograd bookkeeping
 def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: torch.Tensor,
              s: Sampling = Sampling(), forced: torch.Tensor | None = None, null_prefix: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True, progress=None) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
+             extra: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prefix` [B, P] with len(levels) tokens of the given levels -> [B, len(levels)].
 
     `forced` [B, N] gives tokens to copy instead of sampling where >= 0 (e.g. known coarse
     codes); a run of positions forced in every row is fed to the model in one call. With
     `null_prefix` (the prefix with its condition replaced by null tokens) and guidance != 1,
     conditional and unconditional rows run in one batch and their logits are mixed.
-    `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks).
+    `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks). `extra` [B, P + N]: a
+    side-input id of every position (e.g. the melody), summed into its input by the model.
     """
     B, P = prefix.shape
     N = len(levels)
@@ -75,8 +77,9 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     known = forced >= 0
     everywhere = known.all(0).tolist()   # positions copied in every row need no logits
     first = int(levels.min()) if N else 0   # per-level knobs count from the first generated level
+    side = lambda a, b: None if extra is None else (torch.cat([extra[:, a:b]] * 2) if guided else extra[:, a:b])  # noqa: E731
     cache = model.new_cache() if use_cache else None
-    h = model.hidden(seq, prefix_levels, 0, cache)[:, -1]
+    h = model.hidden(seq, prefix_levels, 0, cache, side(0, P))[:, -1]
     out = torch.zeros(B, N, dtype=torch.long)
     i = 0
     while i < N:
@@ -97,9 +100,9 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
             break
         chunk = torch.cat([out[:, i:j], out[:, i:j]]) if guided else out[:, i:j]
         if use_cache:
-            h = model.hidden(chunk, levels[i:j], P + i, cache)[:, -1]
+            h = model.hidden(chunk, levels[i:j], P + i, cache, side(P + i, P + j))[:, -1]
         else:
             seq = torch.cat([seq, chunk], 1)
-            h = model.hidden(seq, all_levels[: P + j])[:, -1]
+            h = model.hidden(seq, all_levels[: P + j], extra=side(0, P + j))[:, -1]
         i = j
     return out

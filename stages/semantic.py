@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
@@ -32,7 +33,12 @@ class Flattened:
     def loss(self, batch, drop_cond, model=None) -> dict:
         device = self.model.offsets.device
         tokens, levels, predict = (t.to(device) for t in self.training_sequence(batch, drop_cond))
-        return (model or self.model)(tokens, levels, predict)
+        extra = self.side_input(batch)
+        return (model or self.model)(tokens, levels, predict, None if extra is None else extra.to(device))
+
+    def side_input(self, batch) -> torch.Tensor | None:
+        """Per-position side-input ids of the training sequence, if the kind has one (the melody)."""
+        return None
 
 
 class SemanticStage(Flattened):
@@ -41,8 +47,24 @@ class SemanticStage(Flattened):
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
         sizes = [cfg.mulan_codebook + 1] * cfg.mulan_levels + [cfg.semantic_codebook]
-        self.model = Transformer(ModelShape(sizes, cfg.dim, cfg.depth, cfg.heads, cfg.dropout))
+        self.model = Transformer(ModelShape(sizes, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
+                                            MELODY_VOCAB if cfg.melody_input else 0))
         self.semantic_level = cfg.mulan_levels
+
+    def melody_positions(self, melody: torch.Tensor | None, B: int, prefix: int, n: int) -> torch.Tensor | None:
+        """Melody ids [B, n] of the ids to predict -> side input of every position [B, prefix + n]: the position
+        that predicts id t carries melody t (so the one before it, a condition token for the first)."""
+        if not self.cfg.melody_input:
+            return None
+        m = melody if melody is not None else torch.full((B, n), NO_MELODY, dtype=torch.long)
+        pad = torch.full((B, prefix - 1), NO_MELODY, dtype=torch.long)
+        return torch.cat([pad, m[:, :n], torch.full((B, 1), NO_MELODY, dtype=torch.long)], 1)
+
+    def side_input(self, batch) -> torch.Tensor | None:
+        if not self.cfg.melody_input:
+            return None
+        s = batch["semantic"]
+        return self.melody_positions(batch.get("melody"), len(s), self.cfg.mulan_levels, s.shape[1])
 
     def level_names(self) -> list[str]:
         return [f"mulan{q}" for q in range(self.cfg.mulan_levels)] + ["semantic"]
@@ -62,15 +84,18 @@ class SemanticStage(Flattened):
         return tokens, levels, predict
 
     def generate(self, mulan: torch.Tensor, n: int, s: Sampling = Sampling(), prompt: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True, progress=None) -> torch.Tensor:
-        """MuLan tokens [B, Q_m] (+ semantic prompt [B, P]) -> n new semantic ids [B, n]."""
+                 generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
+                 melody: torch.Tensor | None = None) -> torch.Tensor:
+        """MuLan tokens [B, Q_m] (+ semantic prompt [B, P]) -> n new semantic ids [B, n]; with `melody` [B, P + n]
+        (melody ids of the prompt and the new frames) a stage trained with melody_input follows it."""
         prompt = prompt if prompt is not None else mulan.new_zeros(mulan.shape[0], 0)
         prefix = torch.cat([mulan, prompt], 1)
         null = torch.cat([self.cond(mulan, torch.ones(len(mulan), dtype=torch.bool)), prompt], 1)
         prefix_levels = torch.cat([self.cond_levels(), torch.full((prompt.shape[1],), self.semantic_level)])
         levels = torch.full((n,), self.semantic_level)
+        extra = self.melody_positions(melody, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n)
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
-                        use_cache=use_cache, progress=progress)
+                        use_cache=use_cache, progress=progress, extra=extra)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from common.config import load_config, parse_args_with_overrides
 from common.errors import UserError, run_cli
+from audio_tokenizers.melody import NONE as NO_MELODY
 from common.training import run
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, save_stage
@@ -38,6 +39,8 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
         wrong.append(f"cond_source={cfg.cond_source!r} is not audio, text or mix")
     elif cfg.cond_source != "audio" and "mulan_text" not in cache.arrays:
         wrong.append(f"cond_source={cfg.cond_source} needs text tokens (python -m data.tokenize --text-only ...)")
+    if cfg.melody_input and "melody" not in cache.arrays:
+        wrong.append("melody_input needs melody ids (python -m data.tokenize --melody-only --out CACHE)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
@@ -57,9 +60,11 @@ def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, b
     drop = torch.rand(batch, generator=g) < cfg.cond_dropout
     ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
     mine = slice(rank, None, world)
-    draws = condition_draws(cfg, g, batch)
+    draws = [d[mine] for d in condition_draws(cfg, g, batch)]
     b = cache.window(pick[mine], starts[mine], frames, ratio)
-    b["mulan"] = training_condition(b, cfg, *(d[mine] for d in draws)) if train else b["mulan"][:, : cfg.mulan_levels]
+    b["mulan"] = training_condition(b, cfg, *draws) if train else b["mulan"][:, : cfg.mulan_levels]
+    if "melody" in b and train:   # melody dropout: a share of rows learns to do without one
+        b["melody"] = torch.where(draws[-1][:, None], NO_MELODY, b["melody"])
     return b, drop[mine]
 
 
@@ -69,10 +74,11 @@ def condition_draws(cfg: StageConfig, g: torch.Generator, batch: int) -> tuple[t
     which = torch.randint(0, 1 << 30, (batch,), generator=g)
     keep = torch.randint(1, max(2, cfg.mulan_levels), (batch,), generator=g)
     cut = torch.rand(batch, generator=g) < cfg.cond_level_dropout
-    return use_text, which, keep, cut
+    no_melody = torch.rand(batch, generator=g) < cfg.melody_dropout
+    return use_text, which, keep, cut, no_melody
 
 
-def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut) -> torch.Tensor:
+def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut, no_melody) -> torch.Tensor:
     """The MuLan tokens [B, Q_m] a training row is conditioned on: its audio's, or (cond_source text/mix) those
     of one of its captions; rows that are `cut` keep only their first `keep` levels, the rest null (level
     dropout). The draws come from the step's generator, so DDP ranks and a resumed run agree."""

@@ -26,6 +26,7 @@ class ModelShape:
     depth: int = 6
     heads: int = 4
     dropout: float = 0.0
+    extra_vocab: int = 0     # > 0: a side input, one id per position, summed into it (the semantic stage's melody)
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,6 +110,7 @@ class Transformer(nn.Module):
         sizes = torch.tensor(shape.level_sizes)
         self.register_buffer("offsets", torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]]))
         self.embed = nn.Embedding(int(sizes.sum()), shape.dim)
+        self.extra = nn.Embedding(shape.extra_vocab, shape.dim) if shape.extra_vocab else None
         self.blocks = nn.ModuleList(Block(shape.dim, shape.heads, shape.dropout) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)
         self.head = nn.Linear(shape.dim, int(sizes.sum()), bias=False)  # sliced per level
@@ -122,10 +124,13 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def hidden(self, tokens: torch.Tensor, levels: torch.Tensor, start: int = 0,
-               cache: list[dict] | None = None) -> torch.Tensor:
+               cache: list[dict] | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, L] (ids within their level), levels [L] -> hidden states [B, L, D].
-        `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental."""
+        `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental;
+        `extra` [B, L] side-input ids (shape.extra_vocab > 0), summed into the inputs."""
         x = self.embed(tokens + self.offsets[levels])
+        if self.extra is not None and extra is not None:
+            x = x + self.extra(extra)
         return self.norm(run_blocks(self.blocks, x, self.shape.heads, start, cache))
 
     def logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
@@ -133,10 +138,11 @@ class Transformer(nn.Module):
         lo = int(self.offsets[level])
         return h @ self.head.weight[lo: lo + self.shape.level_sizes[level]].t()
 
-    def loss(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor,
+             extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy where `predict` [L] marks the positions that are targets.
         Returns the mean loss and, per level, (summed loss, correct, count) for logging."""
-        h = self.hidden(tokens[:, :-1], levels[:-1])
+        h = self.hidden(tokens[:, :-1], levels[:-1], extra=None if extra is None else extra[:, :-1])
         total, count, stats = h.new_zeros(()), 0, {}
         for level in torch.unique(levels[1:][predict[1:]]).tolist():
             where = predict[1:] & (levels[1:] == level)
@@ -147,8 +153,9 @@ class Transformer(nn.Module):
             stats[level] = (ce.detach(), (logits.argmax(-1) == target).sum().detach(), target.numel())
         return {"loss": total / max(count, 1), "per_level": stats}
 
-    def forward(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor) -> dict:
-        return self.loss(tokens, levels, predict)  # what DDP wraps
+    def forward(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor,
+                extra: torch.Tensor | None = None) -> dict:
+        return self.loss(tokens, levels, predict, extra)  # what DDP wraps
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.blocks]

@@ -6,9 +6,10 @@ import numpy as np
 
 
 def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), semantic_k=16, acoustic=(4, 32),
-               text: bool = False):
+               text: bool = False, melody: bool = False):
     """With `text`, also mulan_text.npy: 2 "captions" per clip whose tokens equal the audio tokens on the first
-    level and are 0 or 1 on the others (a text condition that carries what matters, worded two ways)."""
+    level and are 0 or 1 on the others (a text condition that carries what matters, worded two ways).
+    With `melody`, melody.npy: each semantic id's residue mod 12 (a tune the ids follow)."""
     rng = np.random.default_rng(0)
     ts = int(seconds * 25)
     m = rng.integers(0, mulan[1], (clips, mulan[0]))
@@ -20,6 +21,8 @@ def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), 
     np.save(root / "mulan.npy", m.astype(np.int16))
     np.save(root / "semantic.npy", sem.astype(np.int16))
     np.save(root / "acoustic.npy", ac.astype(np.int16))
+    if melody:
+        np.save(root / "melody.npy", (sem % 12).astype(np.int16))
     if text:
         t = np.zeros((clips, 2, mulan[0]), dtype=np.int64)
         t[:, 1, 1:] = 1

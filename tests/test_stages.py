@@ -185,10 +185,12 @@ def test_training_conditions_text_mix_and_level_dropout(tmp_path):
     assert torch.equal(b["mulan"][:, 0], audio_b["mulan"][:, 0]) and not torch.equal(b["mulan"], audio_b["mulan"])
     g = torch.Generator().manual_seed(0)
     mix = cfg_for("semantic", tmp_path, cond_source="mix", cond_text_prob=0.5, cond_level_dropout=1.0)
-    use_text, which, keep, cut = condition_draws(mix, g, 400)
+    use_text, which, keep, cut, no_melody = condition_draws(mix, g, 400)
+    assert 0.4 < no_melody.float().mean() < 0.6   # melody dropout 0.5 by default
     assert 0.4 < use_text.float().mean() < 0.6 and cut.all() and set(keep.tolist()) == {1, 2}
     m = training_condition({"mulan": torch.zeros(400, 3, dtype=torch.long),
-                            "mulan_text": torch.ones(400, 2, 3, dtype=torch.long)}, mix, use_text, which, keep, cut)
+                            "mulan_text": torch.ones(400, 2, 3, dtype=torch.long)}, mix, use_text, which, keep, cut,
+                           no_melody)
     assert torch.equal(m[:, 0], use_text.long())                  # text rows carry text tokens
     assert (m[:, 2] == 8).all() and torch.equal(m[:, 1] == 8, keep == 1)   # levels from k on are null
     with pytest.raises(UserError, match="needs text tokens"):

@@ -1,0 +1,58 @@
+"""Melody ids, the semantic stage's melody input, and --melody."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audio_tokenizers.melody import NONE, SILENT, chroma_similarity, melody_ids
+from common.config import load_config
+from data.tokenize import TokenCache
+from stages.base import StageConfig, build_stage, load_stage, save_stage
+from stages.sampling import Sampling
+from stages.train import train
+from tests.helpers import ROOT, save_debug_parts, sine
+from tests.stage_helpers import make_cache
+
+SR = 24000
+
+
+def test_melody_ids_name_the_pitch_class_and_silence():
+    tune = np.concatenate([sine(440.0, 1.0, SR), sine(523.25, 1.0, SR), np.zeros(SR, np.float32)])
+    ids = melody_ids(torch.from_numpy(tune)[None, None], SR, 25.0)[0]
+    assert ids.shape == (75,)
+    assert (ids[2:23] == 9).all() and (ids[27:48] == 0).all() and (ids[55:] == SILENT).all()   # A, C, silence
+    a = torch.from_numpy(tune)[None, None]
+    assert float(chroma_similarity(a, 0.3 * a, SR)) > 0.99
+    assert float(chroma_similarity(a[..., :2 * SR], torch.from_numpy(sine(370.0, 2.0, SR))[None, None], SR)) < 0.3
+
+
+def test_semantic_stage_follows_a_melody(tmp_path):
+    cache = TokenCache(make_cache(tmp_path / "cache", melody=True))
+    over = [f"cache={cache.root}", f"out={tmp_path / 's'}", "steps=120", "eval_every=120", "ckpt_every=120", "lr=0.01",
+            "warmup=5", "melody_input=true", "melody_dropout=0.3"]
+    stage = load_stage(train(load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", over)))
+    rows = cache.rows("valid")
+    b = cache.window(rows, np.zeros(len(rows), dtype=int), 25, 2)
+    shifted = (b["melody"] + 5) % 12                                     # a tune these clips never had
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    led = stage.generate(b["mulan"], 25, Sampling(temperature=0.5), generator=g(), melody=shifted)
+    free = stage.generate(b["mulan"], 25, Sampling(temperature=0.5), generator=g())
+    follows = lambda ids: float((ids % 12 == shifted).float().mean())  # noqa: E731
+    assert follows(led) > follows(free) + 0.2, (follows(led), follows(free))
+    none = stage.melody_positions(None, 2, 3, 4)
+    assert none.shape == (2, 7) and (none == NONE).all()
+
+
+def test_melody_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from tests.test_pipeline import cli, stage_args
+    parts = save_debug_parts(tmp_path / "parts")
+    sf.write(tmp_path / "tune.wav", sine(440.0, 1.0, SR), SR)
+    code, _, err = cli(monkeypatch, capsys, "--text", "calm", "--duration", "1", "--melody", tmp_path / "tune.wav",
+                       "--out", tmp_path / "a.wav", "--quiet", *stage_args(parts))
+    assert code == 2 and "--melody needs a semantic stage trained with melody_input=true" in err
+    cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["melody_input=true"])
+    save_stage(build_stage(cfg), tmp_path / "sem_melody")
+    code, _, err = cli(monkeypatch, capsys, "--text", "calm", "--duration", "1.5", "--melody", tmp_path / "tune.wav",
+                       "--out", tmp_path / "b.wav", "--quiet", *stage_args(parts, semantic=tmp_path / "sem_melody"))
+    assert code == 0, err
+    assert sf.read(tmp_path / "b.wav")[0].shape == (36000,)
