@@ -8,6 +8,7 @@ A variant is a YAML file; every key is optional (missing parts are the shipped d
     name: no-guidance
     stages: {coarse: runs/coarse_big/last}          # NAME: checkpoint, as --stage NAME=PATH
     options: {seed: 0, guidance: 1.0, coarse: {temperature: 0.9, top_k: 50}}
+    # masked stages also take steps (per level), guidance_end and anneal_temperature
 
 Each variant's clips, scores and spectrogram grid go to --out/<name>/; the combined table
 to --out/ablation.md and --out/ablation.json.
@@ -48,6 +49,13 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
         if not hasattr(opts, key):
             raise UserError(f"variant {path}: unknown option {key!r}; use seed, guidance, semantic, coarse, fine")
         if isinstance(getattr(opts, key), dict):
+            from dataclasses import fields
+
+            from stages.sampling import Sampling
+            knobs = [f.name for f in fields(Sampling) if f.name != "guidance"]
+            bad = sorted(set(value or {}) - set(knobs)) if isinstance(value, dict) else [value]
+            if bad:
+                raise UserError(f"variant {path}: {key} knobs {bad} are unknown; use {', '.join(knobs)}")
             getattr(opts, key).update(value)
         else:
             setattr(opts, key, type(getattr(opts, key))(value))
