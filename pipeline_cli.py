@@ -32,6 +32,30 @@ def parse_story(items: list[str], duration: float) -> list[tuple[str, float]]:
     return story
 
 
+def parse_knobs(items: list[str]) -> list[tuple[str, str, object]]:
+    """['coarse.candidates=4', ...] -> [('coarse', 'candidates', 4), ...], each key and type checked."""
+    import dataclasses
+
+    import yaml
+
+    from stages.sampling import Sampling
+    fields = {f.name: f for f in dataclasses.fields(Sampling) if f.name != "guidance"}
+    out = []
+    for item in items:
+        name, _, text = item.partition("=")
+        stage, _, key = name.partition(".")
+        if stage not in ("semantic", "coarse", "fine") or key not in fields or not text:
+            raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE with STAGE semantic, coarse or fine and KEY one "
+                            f"of {', '.join(fields)}")
+        value = yaml.safe_load(text)
+        default = fields[key].default
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float, list)) \
+                or isinstance(default, bool) and not isinstance(value, bool) or isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"--knob {item!r}: {key} takes a value like {default!r}")
+        out.append((stage, key, value))
+    return out
+
+
 def check_knobs(args) -> None:
     """Sampling knobs a run could not use, refused before anything loads."""
     import math
@@ -96,8 +120,12 @@ def main() -> None:
                         help="masked stages: decoding steps per level")
     ap.add_argument("--guidance-end", type=float, default=None,
                     help="masked stages: anneal the guidance to this as the mask empties (MAGNeT: 1)")
+    ap.add_argument("--knob", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="any sampling knob of a stage, e.g. coarse.candidates=4 coarse.ar_stage=PATH "
+                         "coarse.rescore_weight=0.5 coarse.hybrid_seconds=2 (see stages/sampling.py)")
     args = ap.parse_args()
     check_knobs(args)
+    parse_knobs(args.knob)
 
     if bool(args.text) == bool(args.story):
         raise UserError("give either --text (one or more prompts) or --story")
@@ -154,6 +182,8 @@ def main() -> None:
                 getattr(opts, stage)[knob] = value
         if args.guidance_end is not None and stage != "fine":
             getattr(opts, stage)["guidance_end"] = args.guidance_end
+    for stage, key, value in parse_knobs(args.knob):
+        getattr(opts, stage)[key] = value
     texts = [t for t, _ in story] if story else args.text
     rows = 1 if story else len(texts)
     per = args.batch * args.rerank

@@ -94,6 +94,19 @@ class DelayStage:
         logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1))
         return level_losses(logits, target, target != self.model.empty)
 
+    @torch.no_grad()
+    def score(self, mulan: torch.Tensor, semantic: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
+        """Mean log-likelihood per row [B] of codes [B, K, T] given MuLan [B, Q_m] and semantic ids [B, T_s]
+        (teacher-forced): what rescoring another kind's candidates asks of this one."""
+        B, K, T = codes.shape
+        target = delay(codes, self.model.empty)
+        inputs = torch.cat([target.new_full((B, K, 1), self.model.empty), target[..., :-1]], -1)
+        sem = None if semantic is None else extend(frame_rate_ids(semantic, self.ratio, T), T + K - 1)
+        logp = self.model(self.cond(mulan, None), inputs, sem).float().log_softmax(-1)     # [B, S, K, V]
+        valid = target != self.model.empty
+        picked = logp.permute(0, 2, 1, 3).gather(-1, target.clamp(max=self.model.codebook - 1)[..., None])[..., 0]
+        return (picked * valid).sum((1, 2)) / valid.sum((1, 2))
+
     # ------------------------------------------------------------------ generation
     def generate(self, *args, **kwargs) -> torch.Tensor:
         """The signature of the role (stages.base.Stage): fine takes the coarse codes, the others MuLan +

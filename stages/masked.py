@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from common.errors import UserError
 from stages.delay import DelayStage
 from stages.frames import frame_rate_ids, level_losses
 from stages.sampling import Sampling, cfg_mix, top_k_filter, top_p_filter
@@ -103,10 +104,43 @@ class MaskedStage(DelayStage):
         return {"loss": total / max(count, 1), "per_level": stats}
 
     # ------------------------------------------------------------------ decoding
+    def generate_codes(self, mulan, semantic, frames, s: Sampling = Sampling(), prompt=None, generator=None,
+                       use_cache=True, progress=None):
+        """As the delay kind's, plus MAGNeT's two extras (knobs of `s`, with an autoregressive `s.ar_stage`):
+        the hybrid (its first `hybrid_seconds` of the window autoregressively, the rest by masking, conditioned on
+        them) and rescoring (`candidates` decodings per row, the best by a mix of this model's confidence and
+        the autoregressive stage's log-likelihood, weighted by `rescore_weight`)."""
+        ar = helper_stage(s.ar_stage, self.role) if s.ar_stage else None
+        if (s.hybrid_seconds > 0 or s.rescore_weight > 0) and ar is None:
+            raise UserError("hybrid_seconds and rescore_weight need ar_stage=PATH (an autoregressive stage of "
+                            f"the {self.role} role, e.g. a delay-pattern checkpoint)")
+        head = None
+        if s.hybrid_seconds > 0:
+            n = min(frames, int(round(s.hybrid_seconds * self.cfg.acoustic_rate)))
+            head = ar.generate_codes(mulan, semantic, n, Sampling(**{**ar.sampling_defaults(), "guidance": s.guidance}),
+                                     prompt, generator)
+            prompt = head if prompt is None else torch.cat([prompt, head], -1)
+            frames -= n
+        C = max(1, s.candidates)
+        rep = lambda x: None if x is None else x.repeat_interleave(C, 0)  # noqa: E731
+        self.confidence = None
+        out = DelayStage.generate_codes(self, rep(mulan), rep(semantic), frames, s, rep(prompt), generator, use_cache,
+                                        progress) if frames > 0 else mulan.new_zeros(len(mulan) * C, self.hi - self.lo, 0)
+        if C > 1:
+            score = zscore(self.confidence.view(-1, C))
+            if s.rescore_weight > 0:
+                full = out if prompt is None else torch.cat([rep(prompt)[:, : self.hi - self.lo], out], -1)
+                ll = ar.score(rep(mulan), rep(semantic), full).view(-1, C)
+                score = (1 - s.rescore_weight) * score + s.rescore_weight * zscore(ll)
+            out = out.view(-1, C, *out.shape[1:])[torch.arange(len(mulan)), score.argmax(1)]
+        return out if head is None else torch.cat([head, out], -1)
+
     @torch.inference_mode()
     def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None):
-        """Fill the -1 cells of codes [B, K, T], level by level (cells >= 0 are kept: a prompt)."""
+        """Fill the -1 cells of codes [B, K, T], level by level (cells >= 0 are kept: a prompt). Leaves in
+        self.confidence [B] the mean log-probability of the cells it filled, as they were last sampled."""
         B, K, T = codes.shape
+        logp_sum, filled = torch.zeros(B), torch.zeros(B)
         guided = null is not None and s.guidance != 1.0
         both = lambda x: None if x is None else (torch.cat([x, x]) if guided else x)  # noqa: E731
         cond_rows = torch.cat([cond, null]) if guided else cond
@@ -133,9 +167,33 @@ class MaskedStage(DelayStage):
                 after = math.cos(math.pi / 2 * (i + 1) / n_steps)
                 if after > 1e-6:
                     codes[:, k] = remask(codes[:, k], masked, torch.where(masked, prob, 2.0), todo, after, self.cfg.span)
+                kept = masked & (codes[:, k] >= 0)          # sampled now and not masked again: final
+                logp_sum += (prob.clamp(min=1e-12).log() * kept).sum(1)
+                filled += kept.sum(1)
                 if progress is not None:
                     progress.update(1)
+        self.confidence = logp_sum / filled.clamp(min=1)
         return codes
+
+
+_HELPERS: dict[tuple[str, str], object] = {}
+
+
+def helper_stage(path: str, role: str):
+    """The autoregressive stage at `path` (loaded once), for the hybrid and for rescoring."""
+    from stages.base import load_stage
+    if (path, role) not in _HELPERS:
+        stage = load_stage(path, role)
+        if not hasattr(stage, "score"):
+            raise UserError(f"ar_stage {path} is a '{stage.kind}' stage; rescoring and the hybrid need a frame-aligned "
+                            "autoregressive one (kind delay)")
+        _HELPERS[path, role] = stage
+    return _HELPERS[path, role]
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    """Standardise each row [B, C] (candidates compared within a row only)."""
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp(min=1e-6)
 
 
 def sample_cells(logits: torch.Tensor, temperature: float, s: Sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,10 @@ class Sampling:
     steps: int | list = 10         # decoding steps per level (the paper: [20, 10, 10, 10])
     guidance_end: float | None = None   # anneal guidance to this as the mask empties (the paper: 10 -> 1)
     anneal_temperature: bool = True     # temperature falls linearly to 0 over each level's steps
+    candidates: int = 1            # masked: decode this many per row and keep the best score
+    rescore_weight: float = 0.0    # masked: weight of the ar_stage log-likelihood in that score (vs its own confidence)
+    hybrid_seconds: float = 0.0    # masked: the first seconds of a window come from ar_stage, the rest from masking
+    ar_stage: str = ""             # masked: an autoregressive stage of the same role (path), for the two above
 
     def at_level(self, k: int) -> "Sampling":
         pick = lambda v: v[min(k, len(v) - 1)] if isinstance(v, (list, tuple)) else v  # noqa: E731

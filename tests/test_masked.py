@@ -89,3 +89,29 @@ def test_fine_role_keeps_known_cells(tmp_path, cache):
     out = stage.generate(b["acoustic"][:, :2, :16], Sampling(steps=3), fine_prompt=known,
                          generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[..., :5], b["acoustic"][:, 2:, :5]) and (out[:, 1, 8] == 7).all() and (out >= 0).all()
+
+
+def test_rescoring_and_hybrid_with_an_autoregressive_helper(tmp_path, cache):
+    from stages.base import save_stage
+    torch.manual_seed(0)
+    masked = build_stage(masked_cfg(tmp_path, "coarse"))
+    masked.model.eval()
+    delay_cfg = load_config(StageConfig, ROOT / "configs/debug/delay.yaml", [f"cache={tmp_path / 'cache'}"])
+    save_stage(build_stage(delay_cfg), tmp_path / "ar")
+    b, _ = batch_at(cache, cache.rows("train"), masked.cfg, 0, 2)
+    base = dict(temperature=1.0, steps=[3, 2], ar_stage=str(tmp_path / "ar"))
+    one = masked.generate(b["mulan"], b["semantic"], 50, Sampling(**base), generator=torch.Generator().manual_seed(1))
+    best = masked.generate(b["mulan"], b["semantic"], 50, Sampling(**base, candidates=3, rescore_weight=0.5),
+                           generator=torch.Generator().manual_seed(1))
+    assert one.shape == best.shape == (2, 2, 50) and (best >= 0).all()
+    from stages.masked import helper_stage
+    ar = helper_stage(str(tmp_path / "ar"), "coarse")
+    ll = ar.score(b["mulan"], b["semantic"], b["acoustic"][:, :2])
+    assert ll.shape == (2,) and (ll < 0).all() and (ll > -4).all()           # ~ -ln(32) for an untrained stage
+    hybrid = masked.generate(b["mulan"], b["semantic"], 50, Sampling(**base, hybrid_seconds=0.4),
+                             generator=torch.Generator().manual_seed(1))
+    head = ar.generate(b["mulan"], b["semantic"], 20, Sampling(**ar.sampling_defaults(), guidance=1.0),
+                       generator=torch.Generator().manual_seed(1))
+    assert hybrid.shape == (2, 2, 50) and torch.equal(hybrid[..., :20], head)   # the first 0.4 s: the AR stage's
+    with pytest.raises(Exception, match="need ar_stage"):
+        masked.generate(b["mulan"], b["semantic"], 10, Sampling(hybrid_seconds=1.0))

@@ -94,7 +94,8 @@ def test_stage_trained_on_another_semantic_tokenizer_is_refused(parts, tmp_path,
 @pytest.mark.parametrize("case", ["empty", "zero", "long", "stage_name", "missing", "truncated", "wrong_kind",
                                   "bad_prompt", "silent_prompt", "unwritable", "story", "top_p_zero", "guidance_nan",
                                   "negative_temperature", "zero_steps", "semantic_from_bad", "two_sources",
-                                  "out_is_folder", "story_after_end", "config_null", "missing_tensor", "wrong_dim"])
+                                  "out_is_folder", "story_after_end", "config_null", "missing_tensor", "wrong_dim",
+                                  "bad_knob", "knob_type"])
 def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o.wav"
     args = ["--text", "calm piano", "--duration", "1", "--out", out]
@@ -133,6 +134,8 @@ def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypa
     elif case == "semantic_from_bad":
         (tmp_path / "s.wav").write_bytes(b"nope")
         args += ["--semantic-from", tmp_path / "s.wav"]
+    elif case in ("bad_knob", "knob_type"):
+        args += ["--knob", "coarse.nope=1" if case == "bad_knob" else "coarse.candidates=many"]
     elif case == "out_is_folder":
         (tmp_path / "songs").mkdir()
         args[5] = tmp_path / "songs"
