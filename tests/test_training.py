@@ -55,24 +55,19 @@ def losses(out) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("trainer", ["codec", "semantic", "mulan"])
-def test_ddp_two_processes_match_one(trainer, data, tmp_path):
-    """(The stage trainer's twin of this test is in test_stages.py.)"""
-    one = run_module(*command(trainer, data, tmp_path / "one", 4))
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", *command(trainer, data, tmp_path / "two", 4)], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-
-
 @pytest.mark.parametrize("trainer", ["stage", "codec", "semantic", "mulan"])
-def test_sigkill_then_resume_is_bit_identical(trainer, data, tmp_path):
-    steps = 10
+def test_ddp_matches_one_process_and_sigkill_resume_is_bit_identical(trainer, data, tmp_path):
+    """One uninterrupted run is the reference for both: torchrun with 2 processes logs the same losses (within
+    1e-4), and a run killed with SIGKILL after a checkpoint, then resumed, ends with the same weights bit for bit."""
+    steps = 8
     straight = run_module(*command(trainer, data, tmp_path / "a", steps))
     assert straight.returncode == 0, straight.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", *command(trainer, data, tmp_path / "two", steps)], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "two")
+    assert len(a) == len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     proc = subprocess.Popen([sys.executable, "-m", *command(trainer, data, tmp_path / "b", steps)], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -86,8 +81,7 @@ def test_sigkill_then_resume_is_bit_identical(trainer, data, tmp_path):
     resumed = run_module(*command(trainer, data, tmp_path / "b", steps), "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
     a, b = (load_checkpoint(tmp_path / d / "last") for d in ("a", "b"))
-    assert a.train_state is None and b.meta["step"] == a.meta["step"] == steps
-    assert a.state_dict.keys() == b.state_dict.keys()
+    assert b.meta["step"] == a.meta["step"] == steps and a.state_dict.keys() == b.state_dict.keys()
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".last.")]   # no leftovers
