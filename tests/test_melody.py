@@ -1,6 +1,5 @@
 """Melody ids, the semantic stage's melody input, and --melody."""
 import numpy as np
-import pytest
 import soundfile as sf
 import torch
 
