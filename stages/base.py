@@ -48,6 +48,8 @@ class StageConfig(RunConfig):
     melody_dropout: float = 0.5       # the chance a training row gets no melody (text-only prompts keep working)
     semantic_context: int = 0         # frame-aligned kinds: each frame also sees the semantic ids of +-c frames
     code_dropout: float = 0.0         # delay kind: share of the input history hidden in training (leans on the condition)
+    tie_embeddings: bool = False      # frame-aligned kinds: output weights = the code embeddings of the level
+    unmasked_weight: float = 0.0      # masked kind: weight of the loss on the given cells of the level (copying)
     span: int = 3                     # masked kind: frames per masked span (MAGNeT: 3 = 60 ms at 50 Hz)
     context_window: int = 5           # masked kind: levels above the first attend +-this many frames (0 = all)
     # the transformer
@@ -73,7 +75,7 @@ class StageConfig(RunConfig):
         check_fields(self, positive=("mulan_levels", "mulan_codebook", "semantic_codebook", "acoustic_codebook",
                                      "coarse_levels", "semantic_rate", "acoustic_rate", "window_seconds", "span",
                                      "dim", "depth", "heads", "eval_batches"),
-                     at_least_zero=("fine_levels", "context_window", "semantic_context"),
+                     at_least_zero=("fine_levels", "context_window", "semantic_context", "unmasked_weight"),
                      unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout", "code_dropout",
                            "melody_dropout"))
         if self.dim % self.heads or (self.dim // self.heads) % 2:

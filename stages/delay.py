@@ -63,7 +63,8 @@ class DelayStage:
         fine = cfg.role == "fine"   # as MusicLM's fine stage: reads the coarse codes, no text, no semantic ids
         self.model = FrameModel(self.hi - self.lo, cfg.acoustic_codebook, 0 if fine else cfg.mulan_levels,
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
-                                self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context)
+                                self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context,
+                                cfg.tie_embeddings)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""
@@ -80,7 +81,7 @@ class DelayStage:
         return mulan if drop is None else torch.where(drop[:, None], torch.full_like(mulan, self.cfg.mulan_codebook), mulan)
 
     def loss(self, batch, drop_cond, model=None) -> dict:
-        device = self.model.head.weight.device
+        device = self.model.codes.weight.device
         codes = batch["acoustic"][:, self.lo:self.hi].to(device)
         B, K, T = codes.shape
         target = delay(codes, self.model.empty)

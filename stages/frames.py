@@ -30,7 +30,8 @@ class FrameModel(nn.Module):
     as input (0 for coarse/acoustic roles); semantic_codebook 0 switches the semantic input off."""
 
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
-                 known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0):
+                 known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
+                 tie: bool = False):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
@@ -47,7 +48,9 @@ class FrameModel(nn.Module):
         self.register_buffer("code_offsets", torch.arange(levels) * (codebook + 2), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, levels * codebook, bias=False)
+        # tied: a level's output weights are its input code embeddings, so "this frame's code is that one" is
+        # learnt once (a masked model copies from its neighbours long before it learns anything else)
+        self.head = None if tie else nn.Linear(dim, levels * codebook, bias=False)
         self.apply(self._init)
 
     @staticmethod
@@ -83,6 +86,9 @@ class FrameModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, T, D] -> logits [B, T, K, V]."""
+        if self.head is None:
+            w = self.codes.weight.view(self.levels, self.codebook + 2, -1)[:, : self.codebook]
+            return torch.einsum("btd,kvd->btkv", self.norm(h), w)
         return self.head(self.norm(h)).unflatten(-1, (self.levels, self.codebook))
 
     def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,

@@ -84,7 +84,7 @@ class MaskedStage(DelayStage):
         """A random level and cosine-scheduled span mask per call in training; in eval mode every level, with
         masks from a fixed generator, so the held-out loss is comparable across evaluations."""
         model = model or self.model
-        device = self.model.head.weight.device
+        device = self.model.codes.weight.device
         codes = batch["acoustic"][:, self.lo:self.hi].to(device)
         B, K, T = codes.shape
         semantic = frame_rate_ids(batch["semantic"].to(device), self.ratio, T)
@@ -101,6 +101,9 @@ class MaskedStage(DelayStage):
             out = level_losses(logits[:, :, k:k + 1], codes[:, k:k + 1], masked[:, None])
             stats[k] = out["per_level"][0]
             total, count = total + out["loss"] * stats[k][2], count + stats[k][2]
+            if training and self.cfg.unmasked_weight > 0:   # the given cells too: an easy signal early in training
+                given = level_losses(logits[:, :, k:k + 1], codes[:, k:k + 1], ~masked[:, None])
+                total = total + self.cfg.unmasked_weight * given["loss"] * stats[k][2]
         return {"loss": total / max(count, 1), "per_level": stats}
 
     # ------------------------------------------------------------------ decoding
