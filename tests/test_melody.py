@@ -55,3 +55,28 @@ def test_melody_on_the_command_line(tmp_path, monkeypatch, capsys):
                        "--out", tmp_path / "b.wav", "--quiet", *stage_args(parts, semantic=tmp_path / "sem_melody"))
     assert code == 0, err
     assert sf.read(tmp_path / "b.wav")[0].shape == (36000,)
+
+
+def test_melody_evaluation_reports_both_runs(tmp_path, monkeypatch):
+    import json
+    import sys
+    parts = save_debug_parts(tmp_path / "parts")
+    cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["melody_input=true"])
+    save_stage(build_stage(cfg), parts / "semantic")
+    rows = []
+    for i, (f, label) in enumerate([(440.0, "flute"), (330.0, "violin"), (262.0, "flute"), (392.0, "violin")]):
+        sf.write(tmp_path / f"{i}.wav", sine(f, 2.0, SR), SR)
+        rows.append({"audio": f"{i}.wav", "caption": f"a {label} at {f} hertz", "instrument_label": label,
+                     "source": "essen_folk"})
+    for name in ("test", "train"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from evaluation.melody import main
+    stages = [x for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
+              for x in ("--stage", f"{n}={parts / n}")]
+    monkeypatch.setattr(sys, "argv", ["m", "--manifest", str(tmp_path / "test.jsonl"), "--clips", "4", "--seconds", "1.5",
+                                      "--out", str(tmp_path / "m.json"), *stages])
+    main()
+    res = json.loads((tmp_path / "m.json").read_text())
+    for run in ("with_melody", "without_melody"):
+        assert 0 <= res[run]["chroma_similarity"] <= 1 and 0 <= res[run]["instrument_acc"] <= 1
+    assert res["codec_roundtrip_chroma_similarity"] > res["other_clip_chroma_similarity"]

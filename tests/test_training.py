@@ -162,7 +162,25 @@ def test_bad_values_are_one_line_errors(bad, match, data, tmp_path):
 def test_cuda_asked_for_where_there_is_none(data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    for trainer in ("stage", "codec"):
+    for trainer in ("stage", "codec", "semantic", "mulan"):
         assert_clean_error(run_module(*command(trainer, data, tmp_path / trainer, 4), "device=cuda"),
                            "no CUDA device", "device=cpu")
+        assert not (tmp_path / trainer / "last").exists()
     assert RunConfig(device="cuda:1").device == "cuda:1"
+
+
+@pytest.mark.parametrize("damage", ["index", "missing", "short"])
+def test_a_damaged_cache_stops_training_with_one_line(damage, data, tmp_path):
+    import shutil
+
+    import numpy as np
+    shutil.copytree(data / "cache", tmp_path / "cache")
+    if damage == "index":
+        (tmp_path / "cache" / "index.json").write_text("{")
+    elif damage == "missing":
+        (tmp_path / "cache" / "semantic.npy").unlink()
+    else:
+        np.save(tmp_path / "cache" / "acoustic.npy", np.load(tmp_path / "cache" / "acoustic.npy")[:5])
+    cmd = [c if not c.startswith("cache=") else f"cache={tmp_path / 'cache'}" for c in command("stage", data, tmp_path / "r", 4)]
+    assert_clean_error(run_module(*cmd), "damaged")
+    assert not (tmp_path / "r" / "last").exists()
