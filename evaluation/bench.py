@@ -2,6 +2,7 @@
 
     python -m evaluation.bench stages [--repeats 5]
     python -m evaluation.bench pipeline [--stage NAME=PATH ...] [--durations 10 60] [--int8]
+    python -m evaluation.bench pipeline --variant flat: --variant delay:coarse=A,fine=B --durations 10
     python -m evaluation.bench train --configs configs/coarse.yaml configs/delay.yaml [--threads 1]
 
 `stages` uses config B1: dim 256, depth 6, 4 heads, semantic vocabulary 512, codebook 1024,
@@ -134,32 +135,53 @@ def bench_train(configs: list[str], repeats: int, overrides: list[str] = ()) -> 
     return res
 
 
-def bench_pipeline(paths: dict[str, str], durations: list[float], out_dir: str, repeats: int = 3,
+def bench_pipeline(variants: dict[str, dict[str, str]], durations: list[float], out_dir: str, repeats: int = 3,
                    int8: bool = False) -> dict:
     """Median wall time from loaded models to a written WAV over `repeats` runs (after one short
-    warm-up run), per duration, and peak RSS of the process; `int8`: stages generate with int8 weights."""
+    warm-up run), per duration, and peak RSS of the process; `int8`: stages generate with int8 weights.
+    Several chains (`variants`: name -> part paths) are timed side by side: each repeat runs every
+    chain once, in turn, so a noisy machine slows them alike; ratios are to the first chain."""
     import resource
     from pathlib import Path
 
     from data.audio import write_wav
     from pipeline import GenerationOptions, Pipeline, load_parts
-    pipe = Pipeline(load_parts(paths), int8=int8)
+    pipes = {name: Pipeline(load_parts(paths), int8=int8) for name, paths in variants.items()}
+    for pipe in pipes.values():
+        pipe.generate(["warm-up"], 2.0)
     res = {"repeats": repeats, "int8": int8}
-    pipe.generate(["warm-up"], 2.0)
     for seconds in durations:
-        times = []
+        times = {name: [] for name in pipes}
         for i in range(repeats):
-            t = time.perf_counter()
-            wav = pipe.generate(["a calm solo piano piece in C major"], seconds, options=GenerationOptions(seed=i))
-            write_wav(Path(out_dir) / f"bench_{seconds:g}s.wav", wav[0, 0].numpy(), pipe.sample_rate)
-            times.append(time.perf_counter() - t)
-        res[f"wall_s@{seconds:g}s"] = round(statistics.median(times), 2)
-        res[f"all_wall_s@{seconds:g}s"] = [round(x, 2) for x in times]
-        res[f"stages@{seconds:g}s"] = {k: round(v, 2) for k, v in pipe.timings.items()}   # of the last run
+            for name, pipe in pipes.items():
+                t = time.perf_counter()
+                wav = pipe.generate(["a calm solo piano piece in C major"], seconds, options=GenerationOptions(seed=i))
+                write_wav(Path(out_dir) / f"bench_{name}_{seconds:g}s.wav", wav[0, 0].numpy(), pipe.sample_rate)
+                times[name].append(time.perf_counter() - t)
+        for name, pipe in pipes.items():
+            row = res.setdefault(name, {})
+            row[f"wall_s@{seconds:g}s"] = round(statistics.median(times[name]), 2)
+            row[f"all_wall_s@{seconds:g}s"] = [round(x, 2) for x in times[name]]
+            row[f"stages@{seconds:g}s"] = {k: round(v, 2) for k, v in pipe.timings.items()}   # of the last run
+        first = next(iter(pipes))
+        for name in list(pipes)[1:]:
+            res[name][f"speedup_over_{first}@{seconds:g}s"] = round(
+                res[first][f"wall_s@{seconds:g}s"] / res[name][f"wall_s@{seconds:g}s"], 2)
     if len(durations) > 1:
-        res["ratio_longest_to_shortest"] = round(res[f"wall_s@{durations[-1]:g}s"] / res[f"wall_s@{durations[0]:g}s"], 2)
+        for name in pipes:
+            res[name]["ratio_longest_to_shortest"] = round(
+                res[name][f"wall_s@{durations[-1]:g}s"] / res[name][f"wall_s@{durations[0]:g}s"], 2)
     res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return res
+
+
+def parse_variant(item: str, base: list[str]) -> tuple[str, list[str]]:
+    """'NAME:part=PATH,part=PATH' (parts not named come from --stage / configs/pipeline.yaml)."""
+    from common.errors import UserError
+    name, sep, spec = item.partition(":")
+    if not sep or not name:
+        raise UserError(f"--variant {item!r}: write NAME:PART=PATH,PART=PATH (or NAME: for the default chain)")
+    return name, base + [x for x in spec.split(",") if x]
 
 
 def main() -> None:
@@ -171,6 +193,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="stages: timed runs; pipeline: runs per duration (use 3)")
     ap.add_argument("--gen-tokens", type=int, default=750, help="coarse tokens to generate (750 = 5 s)")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH", help="pipeline: swap a part")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:PART=PATH,...",
+                    help="pipeline: time several chains side by side (repeat the option; 'NAME:' = default chain)")
     ap.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--int8", action="store_true", help="pipeline: the stages generate with int8 weights")
@@ -184,12 +208,15 @@ def main() -> None:
     if args.what == "train":
         print(json.dumps(bench_train(args.configs, args.repeats, args.set), indent=2))
         return
-    from common.errors import run_cli
+    from common.errors import UserError, run_cli
     from pipeline_cli import part_paths
 
     def run() -> None:
-        print(json.dumps(bench_pipeline(part_paths(args.stage), args.durations, args.out, args.repeats,
-                                        args.int8), indent=2))
+        items = [parse_variant(v, args.stage) for v in args.variant] or [("chain", args.stage)]
+        if len({name for name, _ in items}) < len(items):
+            raise UserError("--variant: give each chain its own name")
+        variants = {name: part_paths(stage_items) for name, stage_items in items}   # bad paths fail before timing
+        print(json.dumps(bench_pipeline(variants, args.durations, args.out, args.repeats, args.int8), indent=2))
     run_cli(run)
 
 

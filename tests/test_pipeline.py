@@ -168,13 +168,28 @@ def test_bad_input_is_one_line_exit_2_and_no_wav(case, parts, tmp_path, monkeypa
     assert "Traceback" not in err and not out.exists() and not list(tmp_path.glob("*.wav.tmp"))
 
 
-def test_pipeline_benchmark_reports_times_and_memory(parts, tmp_path):
+def test_pipeline_benchmark_times_chains_side_by_side(parts, tmp_path):
     from evaluation.bench import bench_pipeline
-    res = bench_pipeline({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse",
-                                                        "fine")}, [1.0, 2.0], str(tmp_path))
-    assert res["wall_s@1s"] > 0 and res["wall_s@2s"] > 0 and res["peak_rss_mb"] > 100
-    assert set(res["stages@2s"]) == {"mulan", "semantic", "coarse", "fine", "decode"}
-    assert sf.read(tmp_path / "bench_2s.wav")[0].shape == (48000,)
+    for role in ("coarse", "fine"):
+        cfg = load_config(StageConfig, ROOT / "configs/debug/delay.yaml", [f"role={role}", "acoustic_rate=100"])
+        save_stage(build_stage(cfg), tmp_path / f"delay_{role}")
+    flat = {k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")}
+    delay = {**flat, "coarse": str(tmp_path / "delay_coarse"), "fine": str(tmp_path / "delay_fine")}
+    res = bench_pipeline({"flat": flat, "delay": delay}, [1.0, 2.0], str(tmp_path), repeats=2)
+    for name in ("flat", "delay"):
+        assert res[name]["wall_s@1s"] > 0 and len(res[name]["all_wall_s@2s"]) == 2
+        assert set(res[name]["stages@2s"]) == {"mulan", "semantic", "coarse", "fine", "decode"}
+        assert sf.read(tmp_path / f"bench_{name}_2s.wav")[0].shape == (48000,)
+    assert res["delay"]["speedup_over_flat@2s"] == round(res["flat"]["wall_s@2s"] / res["delay"]["wall_s@2s"], 2)
+    assert res["peak_rss_mb"] > 100
+
+
+def test_pipeline_benchmark_variant_errors_are_one_line(tmp_path):
+    from tests.helpers import assert_clean_error, run_module
+    assert_clean_error(run_module("evaluation.bench", "pipeline", "--variant", "nocolon"), "--variant", "NAME:")
+    assert_clean_error(run_module("evaluation.bench", "pipeline", "--variant", "a:", "--variant", "a:"), "own name")
+    assert_clean_error(run_module("evaluation.bench", "pipeline", "--variant", "a:coarse=" + str(tmp_path / "none")),
+                       "none")
 
 
 def test_int8_flag_quantizes_the_three_stages(parts, tmp_path, monkeypatch, capsys):
