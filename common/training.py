@@ -171,8 +171,11 @@ class OutDirLock:
         self.path.unlink(missing_ok=True)
 
 
-def check_resume(saved: dict, new: dict, out: Path) -> None:
-    """Refuse to continue a run whose config changed in anything but the run-length fields."""
+def check_resume(saved: dict, new: dict, out: Path, defaults: dict | None = None) -> None:
+    """Refuse to continue a run whose config changed in anything but the run-length fields. A field
+    the saved config lacks (added to the code since the run began) counts as its default, so a run
+    can continue after the code grows an option as long as the option keeps its default."""
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     changed = [f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(saved) | set(new))
                if k not in RUN_LENGTH_FIELDS and saved.get(k) != new.get(k)]
     if changed:
@@ -232,7 +235,7 @@ def _loop(task, cfg, resume, stop_after, betas, extra_state, fingerprints, world
         ck = load_checkpoint(out / "last", kind=task.kind, with_train_state=True)
         if ck.train_state is None:
             raise UserError(f"{out / 'last'} has no training state to resume from; start a new out=")
-        check_resume(ck.config, config_to_dict(cfg), out)
+        check_resume(ck.config, config_to_dict(cfg), out, config_to_dict(type(cfg)()))
         saved = ck.train_state.get("fingerprints", {})
         if saved and saved != fingerprints:
             raise UserError(f"--resume: {out / 'last'} was trained on data made by {saved}, not by {fingerprints}; "

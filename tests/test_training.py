@@ -120,6 +120,10 @@ def test_resume_refuses_a_changed_config_or_cache(data, tmp_path):
         train(load_config(StageConfig, ROOT / "configs/debug/coarse.yaml", over + [f"cache={other}", "steps=6"]),
               resume=True)
     check_resume({"steps": 4, "lr": 1.0, "eval_every": 5}, {"steps": 9, "lr": 1.0, "eval_every": 7}, tmp_path)
+    # a field added to the code after the run began: fine at its default, refused at another value
+    check_resume({"steps": 4, "lr": 1.0}, {"steps": 9, "lr": 1.0, "span": 3}, tmp_path, defaults={"span": 3})
+    with pytest.raises(UserError, match=r"span \(3 -> 5\)"):
+        check_resume({"steps": 4, "lr": 1.0}, {"steps": 9, "lr": 1.0, "span": 5}, tmp_path, defaults={"span": 3})
 
 
 def test_leftovers_of_killed_saves_are_cleaned_and_the_newest_copy_wins(data, tmp_path):
