@@ -62,6 +62,9 @@ class StageConfig(RunConfig):
                                       # re-phrased (text: the cache's mulan_text), or either (mix)
     cond_text_prob: float = 0.5       # mix: the chance a row gets text tokens
     cond_level_dropout: float = 0.0   # the chance a row keeps only its first k MuLan levels (k in 1..Q_m-1)
+    mulan_vectors: str = ""           # semantic kind: a MuLan checkpoint whose RVQ code vectors, through one learned
+                                      # linear map, embed the MuLan tokens ("" = a learned row per token)
+    mulan_vector_dim: int = 0         # filled from mulan_vectors at training time (its embedding size)
     # training (the run fields: common.training.RunConfig)
     cache: str = "cache/corpus"
     out: str = "runs/stage"
@@ -75,7 +78,8 @@ class StageConfig(RunConfig):
         check_fields(self, positive=("mulan_levels", "mulan_codebook", "semantic_codebook", "acoustic_codebook",
                                      "coarse_levels", "semantic_rate", "acoustic_rate", "window_seconds", "span",
                                      "dim", "depth", "heads", "eval_batches"),
-                     at_least_zero=("fine_levels", "context_window", "semantic_context", "unmasked_weight"),
+                     at_least_zero=("fine_levels", "context_window", "semantic_context", "unmasked_weight",
+                                    "mulan_vector_dim"),
                      unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout", "code_dropout",
                            "melody_dropout"))
         if self.dim % self.heads or (self.dim // self.heads) % 2:

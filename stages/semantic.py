@@ -48,7 +48,8 @@ class SemanticStage(Flattened):
         self.cfg = cfg
         sizes = [cfg.mulan_codebook + 1] * cfg.mulan_levels + [cfg.semantic_codebook]
         self.model = Transformer(ModelShape(sizes, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
-                                            MELODY_VOCAB if cfg.melody_input else 0))
+                                            MELODY_VOCAB if cfg.melody_input else 0,
+                                            cfg.mulan_levels if cfg.mulan_vector_dim else 0, cfg.mulan_vector_dim))
         self.semantic_level = cfg.mulan_levels
 
     def melody_positions(self, melody: torch.Tensor | None, B: int, prefix: int, n: int) -> torch.Tensor | None:

@@ -167,13 +167,43 @@ class StageTask:
         return out
 
 
+def mulan_code_vectors(cfg: StageConfig, cache: TokenCache) -> torch.Tensor | None:
+    """The RVQ code vectors [Q_m, codebook + 1, E] of the MuLan named by `mulan_vectors` (a zero row for
+    the null id), checked to be the MuLan that made the cache's tokens; None when the option is off."""
+    if not cfg.mulan_vectors:
+        return None
+    from common.checkpoint import load_checkpoint
+    from data.tokenize import checkpoint_hash
+    if cfg.kind != "semantic":
+        raise UserError(f"mulan_vectors is a semantic-stage option (this config is kind {cfg.kind}); remove it")
+    path = Path(cfg.mulan_vectors)
+    if not (path / "config.json").is_file():
+        raise UserError(f"mulan_vectors={path}: no MuLan checkpoint there; pass the MuLan that made the cache "
+                        "(e.g. pretrained/mulan)")
+    made_by = cache.index["tokenizer_hashes"].get("mulan")
+    if made_by and checkpoint_hash(path) != made_by:
+        raise UserError(f"mulan_vectors={path} is not the MuLan that made {cache.root}'s tokens ({made_by}); pass that one")
+    state = load_checkpoint(path, kind="mulan").state_dict
+    books = [state.get(f"rvq.levels.{q}.codebook") for q in range(cfg.mulan_levels)]
+    if any(b is None or b.shape[0] != cfg.mulan_codebook for b in books):
+        raise UserError(f"mulan_vectors={path}: its RVQ does not have {cfg.mulan_levels} levels of "
+                        f"{cfg.mulan_codebook} codes like the cache")
+    books = torch.stack([b.float() for b in books])
+    return torch.cat([books, books.new_zeros(len(books), 1, books.shape[-1])], 1)
+
+
 def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a later
     --resume continues the same schedule (useful for time-boxed sessions)."""
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
     cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")
-    return run(StageTask(cfg, cache), cfg, resume, stop_after, fingerprints=cache.index["tokenizer_hashes"])
+    vectors = mulan_code_vectors(cfg, cache)
+    cfg.mulan_vector_dim = 0 if vectors is None else vectors.shape[-1]
+    task = StageTask(cfg, cache)
+    if vectors is not None:
+        task.model.cond_vectors.copy_(vectors)    # a buffer: saved with the weights, never trained
+    return run(task, cfg, resume, stop_after, fingerprints=cache.index["tokenizer_hashes"])
 
 
 def main(kind: str) -> None:

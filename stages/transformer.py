@@ -27,6 +27,8 @@ class ModelShape:
     heads: int = 4
     dropout: float = 0.0
     extra_vocab: int = 0     # > 0: a side input, one id per position, summed into it (the semantic stage's melody)
+    cond_levels: int = 0     # > 0 with cond_dim: the first cond_levels levels are embedded by fixed code vectors
+    cond_dim: int = 0        # (the MuLan RVQ's, in `cond_vectors`) through one learned linear map
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,6 +113,11 @@ class Transformer(nn.Module):
         self.register_buffer("offsets", torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]]))
         self.embed = nn.Embedding(int(sizes.sum()), shape.dim)
         self.extra = nn.Embedding(shape.extra_vocab, shape.dim) if shape.extra_vocab else None
+        self.cond_proj = None
+        if shape.cond_levels and shape.cond_dim:
+            # code vectors of each condition level; the last row (the null id) stays zero
+            self.register_buffer("cond_vectors", torch.zeros(shape.cond_levels, shape.level_sizes[0], shape.cond_dim))
+            self.cond_proj = nn.Linear(shape.cond_dim, shape.dim)
         self.blocks = nn.ModuleList(Block(shape.dim, shape.heads, shape.dropout) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)
         self.head = nn.Linear(shape.dim, int(sizes.sum()), bias=False)  # sliced per level
@@ -129,9 +136,25 @@ class Transformer(nn.Module):
         `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental;
         `extra` [B, L] side-input ids (shape.extra_vocab > 0), summed into the inputs."""
         x = self.embed(tokens + self.offsets[levels])
+        if self.cond_proj is not None:
+            x = self.vector_condition(x, tokens, levels)
         if self.extra is not None and extra is not None:
             x = x + self.extra(extra)
         return self.norm(run_blocks(self.blocks, x, self.shape.heads, start, cache))
+
+    def vector_condition(self, x: torch.Tensor, tokens: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Condition positions get (the level's null-id embedding) + W (the token's code vector) instead of a
+        learned row per token: conditions never seen in training (a new caption's MuLan tokens) land near
+        the ones whose vectors they resemble, instead of on rows trained on a handful of clips each."""
+        is_cond = levels < self.shape.cond_levels
+        if not bool(is_cond.any()):
+            return x
+        lv = levels[is_cond]
+        null_rows = self.embed(self.offsets[lv] + self.shape.level_sizes[0] - 1)          # [n, D]
+        vec = self.cond_vectors[lv[None].expand(len(tokens), -1), tokens[:, is_cond]]    # [B, n, E]
+        x = x.clone()
+        x[:, is_cond] = null_rows[None].to(x.dtype) + self.cond_proj(vec.to(self.cond_proj.weight.dtype)).to(x.dtype)
+        return x
 
     def logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         """Hidden states [..., D] -> logits [..., V_level] over the ids of one level."""
