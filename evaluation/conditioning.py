@@ -47,6 +47,7 @@ def signal(stage, cache, rows: np.ndarray, seconds: float, batch: int = 16) -> d
         if len(part) < 2:   # "another clip" needs two rows
             continue
         b = cache.window(part, np.zeros(len(part), dtype=int), frames, ratio)
+        b.pop("melody", None)   # a text prompt: a melody_input stage is scored as it runs without --melody
         for name in names:
             out = stage.loss(*with_condition(b, name, cfg))
             sums[name][0] += sum(float(v[0]) for v in out["per_level"].values())

@@ -124,6 +124,13 @@ def evaluate(stage, cache: TokenCache, cfg: StageConfig, conditions: list[str] |
     model.eval()
     for i in range(cfg.eval_batches):
         b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991, train=False)
+        tune = b.pop("melody", None)   # scored as a text prompt runs; with its melody separately below
+        if tune is not None and getattr(stage.cfg, "melody_input", False):
+            out = stage.loss(*with_condition({**b, "melody": tune}, conditions[0], cfg), model)
+            t = totals.setdefault("melody", {})
+            for level, (ce, correct, n) in out["per_level"].items():
+                v = t.setdefault(level, [0.0, 0, 0])
+                v[0], v[1], v[2] = v[0] + float(ce), v[1] + int(correct), v[2] + n
         for name in conditions:
             out = stage.loss(*with_condition(b, name, cfg), model)
             for level, (ce, correct, n) in out["per_level"].items():
@@ -137,7 +144,10 @@ def evaluate(stage, cache: TokenCache, cfg: StageConfig, conditions: list[str] |
     res["loss"] = round(sum(v[0] for v in main.values()) / n, 4)
     res["acc"] = round(sum(v[1] for v in main.values()) / n, 4)
     if len(conditions) > 1:
-        res.update({f"cond/{name}": round(sum(v[0] for v in t.values()) / n, 4) for name, t in totals.items()})
+        res.update({f"cond/{name}": round(sum(v[0] for v in t.values()) / n, 4) for name, t in totals.items()
+                    if name in conditions})
+    if "melody" in totals:   # the same windows given their melody ids (--melody)
+        res["loss/with_melody"] = round(sum(v[0] for v in totals["melody"].values()) / n, 4)
     return res
 
 

@@ -1,4 +1,6 @@
 """Melody ids, the semantic stage's melody input, and --melody."""
+import json
+
 import numpy as np
 import soundfile as sf
 import torch
@@ -38,6 +40,8 @@ def test_semantic_stage_follows_a_melody(tmp_path):
     free = stage.generate(b["mulan"], 25, Sampling(temperature=0.5), generator=g())
     follows = lambda ids: float((ids % 12 == shifted).float().mean())  # noqa: E731
     assert follows(led) > follows(free) + 0.2, (follows(led), follows(free))
+    valid = [json.loads(l)["valid"] for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"valid"' in l]
+    assert valid[-1]["loss/with_melody"] < valid[-1]["loss"] - 0.1, valid[-1]   # held-out loss without / with the tune
     none = stage.melody_positions(None, 2, 3, 4)
     assert none.shape == (2, 7) and (none == NONE).all()
 
