@@ -5,7 +5,7 @@
 Type a prompt (or a story: one "TEXT:SECONDS" per line), pick the duration, seed, guidance, the
 sampling knobs of each stage and, optionally, stage checkpoints other than the defaults (any
 folder under pretrained/ or a typed path), an audio prompt to continue or a recording whose
-semantic ids to re-render; the page plays the result and shows its spectrogram and how long each
+semantic ids to re-render, or a melody to follow (a semantic stage trained with melody_input); the page plays the result and shows its spectrogram and how long each
 stage took. It binds to localhost unless told otherwise.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Demo:
 
     def generate(self, prompt: str, duration: float, seed: float, guidance: float, story_mode: bool,
                  semantic_stage: str, coarse_stage: str, fine_stage: str, knobs: dict,
-                 prompt_audio: str | None, semantic_from: str | None):
+                 prompt_audio: str | None, semantic_from: str | None, melody: str | None = None):
         """-> ((sample rate, int16 samples), spectrogram PNG path, timings as markdown)."""
         from data.audio import load_audio
         from pipeline_cli import parse_story
@@ -60,6 +60,8 @@ class Demo:
         if semantic_from:
             kwargs["semantic_ids"] = pipe.semantic_ids(torch.from_numpy(load_audio(semantic_from, pipe.sample_rate))[None, None])
             duration = min(duration, kwargs["semantic_ids"].shape[1] / pipe.parts["semantic_tokenizer"].frame_rate)
+        if melody:
+            kwargs["melody"] = torch.from_numpy(load_audio(melody, pipe.sample_rate))[None, None]
         if story_mode:
             story = parse_story([line for line in prompt.splitlines() if line.strip()], duration)
             wav = pipe.generate(None, duration, story=story, options=opts, **kwargs)
@@ -120,9 +122,11 @@ def build(demo: Demo):
         with gr.Accordion("Audio in", open=False):
             prompt_audio = gr.Audio(label="Continue this recording", type="filepath")
             semantic_from = gr.Audio(label="Re-render this recording (its semantic ids; --semantic-from)", type="filepath")
+            melody = gr.Audio(label="Follow this melody (--melody; a semantic stage trained with melody_input)",
+                              type="filepath")
 
         def run(prompt_text, dur, sd, gd, story_mode, sem, coarse, fine, *rest):
-            knob_values, (p_audio, s_from) = rest[:-2], rest[-2:]
+            knob_values, (p_audio, s_from, tune) = rest[:-3], rest[-3:]
             knobs = {}
             for i, s in enumerate(STAGES):
                 t, k, p, steps = knob_values[4 * i: 4 * i + 4]
@@ -131,10 +135,12 @@ def build(demo: Demo):
                 if p is not None and not 0 < p <= 1 or t is not None and (t < 0 or not math.isfinite(t)):
                     raise gr.Error(f"{s}: temperature must be 0 or more and top-p in (0, 1]")
             try:
-                return demo.generate(prompt_text, dur, sd, gd, story_mode, sem, coarse, fine, knobs, p_audio, s_from)
+                return demo.generate(prompt_text, dur, sd, gd, story_mode, sem, coarse, fine, knobs, p_audio, s_from,
+                                     tune)
             except UserError as e:
                 raise gr.Error(str(e)) from None
-        button.click(run, [prompt, duration, seed, guidance, story, *picks, *knob_inputs, prompt_audio, semantic_from],
+        button.click(run, [prompt, duration, seed, guidance, story, *picks, *knob_inputs, prompt_audio, semantic_from,
+                                  melody],
                      [audio, image, timings])
     return page
 

@@ -50,3 +50,26 @@ def test_demo_binds_to_localhost_by_default():
     assert parse_args([]).host == "127.0.0.1" and parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
     with pytest.raises(Exception, match="describe the music first"):
         Demo({}).generate("  ", 1, 0, 3, False, "", "", "", {}, None, None)
+
+
+def test_demo_follows_a_melody_only_with_a_stage_that_reads_one(tmp_path):
+    import soundfile as sf
+
+    from common.config import load_config
+    from common.errors import UserError
+    from demo import STAGES, Demo
+    from pipeline import PARTS
+    from stages.base import StageConfig, build_stage, save_stage
+    from tests.helpers import sine
+    parts = save_debug_parts(tmp_path / "parts")
+    cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["acoustic_rate=100", "melody_input=true"])
+    save_stage(build_stage(cfg), tmp_path / "semantic_melody")
+    sf.write(tmp_path / "tune.wav", sine(440.0, 2.0, 24000), 24000)
+    paths = {n: str(parts / n) for n in PARTS}
+    demo, knobs = Demo(paths), {s: {} for s in STAGES}
+    (sr, audio), png, timings = demo.generate("a tune", 1.0, 0, 3, False, str(tmp_path / "semantic_melody"),
+                                              paths["coarse"], paths["fine"], knobs, None, None, str(tmp_path / "tune.wav"))
+    assert sr == 24000 and audio.shape == (24000,) and "semantic" in timings
+    with pytest.raises(UserError, match="without a melody input"):
+        demo.generate("a tune", 1.0, 0, 3, False, paths["semantic"], paths["coarse"], paths["fine"], knobs, None, None,
+                      str(tmp_path / "tune.wav"))
