@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from evaluation import use_threads
 from common.errors import UserError, run_cli
 from evaluation.generate_and_score import (add_common_args, instrument_classifier_for, load_prompts, markdown_table,
                                            run_variant)
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--variants", type=Path, nargs="+", required=True)
     add_common_args(ap)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    use_threads()
     variants = [load_variant(p) for p in args.variants]   # all checked before anything runs
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from audio_tokenizers.acoustic import load_acoustic
 from common.errors import UserError, run_cli
 from data.audio import crop_or_pad
@@ -120,7 +121,7 @@ def main() -> None:
     ap.add_argument("--card", type=Path, default=None, help="also write a model card (CARD.md) there")
     ap.add_argument("--run", type=Path, default=None, help="the training run (for steps and time on the card)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    use_threads()
     results = evaluate_codec(load_acoustic(args.checkpoint), args.corpus, args.clips, args.seconds,
                              args.train_clips, args.out)
     print(json.dumps(results, indent=2))

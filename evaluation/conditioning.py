@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from common.errors import UserError, run_cli
 
 CONDITIONS = ("audio", "other", "null", "text", "text_new")
@@ -120,7 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.generate_from and (not args.generate_from.is_file() or not args.labels):
         raise UserError("--generate-from needs an existing prompts JSONL and --labels (e.g. corpus/train.jsonl)")
-    torch.set_num_threads(2)
+    use_threads()
     cache = TokenCache(args.cache)
     rows = np.concatenate([cache.rows("valid"), cache.rows("test")])[: args.clips]
     if len(rows) < 2:

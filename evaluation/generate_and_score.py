@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio, write_wav
 from data.manifest import read_manifest
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=3.0)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    use_threads()
     paths = part_paths(args.stage)
     rows = load_prompts(args.prompts, args.limit)
     classifier = instrument_classifier_for(args, rows, 24000)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
@@ -70,7 +71,7 @@ def main() -> None:
     rows = [r for m in args.manifest for r in read_manifest(m) if r.get("source") != "groove"][: args.clips]
     if len(rows) < 2:
         raise UserError("need at least 2 held-out clips that are not grooves; pass more --manifest rows")
-    torch.set_num_threads(2)
+    use_threads()
     pipe = Pipeline(load_parts(part_paths(args.stage)))
     if not pipe.parts["semantic"].cfg.melody_input:
         raise UserError("the semantic stage was trained without melody_input; pass one with --stage semantic=PATH")

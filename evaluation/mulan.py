@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from audio_tokenizers.mulan_train import recall
 from common.errors import UserError, run_cli
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -144,7 +145,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--out", default=None, help="write the result as JSON here too")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    use_threads()
     corpus = Path(args.corpus)
     labels = sorted({r["instrument_label"] for m in ("train", "valid", "test") if (corpus / f"{m}.jsonl").is_file()
                      for r in read_manifest(corpus / f"{m}.jsonl") if "instrument_label" in r})

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
@@ -145,7 +146,7 @@ def main() -> None:
     train = args.train_manifest or args.manifest[0].parent / "train.jsonl"
     if not train.is_file():
         raise UserError(f"{train} not found; pass --train-manifest (train-split originals for the classifier)")
-    torch.set_num_threads(2)
+    use_threads()
     pipe = Pipeline(load_parts(part_paths(args.stage)))
     clips = pick_clips(args.manifest, args.per_label, args.limit)
     labels = len({r["instrument_label"] for r in clips})

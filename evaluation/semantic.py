@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import use_threads
 from audio_tokenizers.semantic import load_semantic
 from common.errors import UserError, run_cli
 from data.manifest import SkipCounter, iter_audio, read_manifest
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--test-manifest", type=Path, nargs="+",
                     help="held-out clips to score on (default: CORPUS/test.jsonl)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    use_threads()
     results, details = {}, {}
     for ck in args.checkpoints:
         tok = load_semantic(ck)
