@@ -27,6 +27,14 @@ from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
 
 
+def paired_interval(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> dict:
+    """Mean of per-clip differences (same clip and seed with and without the melody) and its 95% bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(1)
+    return {"mean": round(float(diff.mean()), 4), "ci95": [round(float(np.quantile(means, 0.025)), 4),
+                                                            round(float(np.quantile(means, 0.975)), 4)]}
+
+
 @torch.no_grad()
 def evaluate_melody(pipe, rows: list[dict], seconds: float, classifier, seed: int = 0, batch: int = 8) -> dict:
     from audio_tokenizers.melody import chroma_similarity
@@ -35,7 +43,7 @@ def evaluate_melody(pipe, rows: list[dict], seconds: float, classifier, seed: in
     sr, n = pipe.sample_rate, int(seconds * pipe.sample_rate)
     tunes = torch.from_numpy(np.stack([crop_or_pad(load_audio(r["audio"], sr), n) for r in rows]))[:, None]
     texts = [rows[(i + len(rows) // 2) % len(rows)] for i in range(len(rows))]   # another clip's caption each
-    out = {"clips": len(rows), "seconds": seconds}
+    out, per_clip = {"clips": len(rows), "seconds": seconds}, {}
     for name, with_tune in (("without_melody", False), ("with_melody", True)):
         waves = []
         for i in range(0, len(rows), batch):
@@ -46,10 +54,13 @@ def evaluate_melody(pipe, rows: list[dict], seconds: float, classifier, seed: in
         text_emb = pipe.mulan.embed_text([t["caption"] for t in texts])
         audio_emb = pipe.mulan.embed_audio(w, sr)
         pred = classifier.predict(np.stack([mfcc_features(x[0].numpy(), sr) for x in w]))
-        out[name] = {"chroma_similarity": round(float(chroma_similarity(tunes, w, sr).mean()), 4),
-                     "mulan_text_cosine": round(float((text_emb * audio_emb).sum(-1).mean()), 4),
-                     "instrument_acc": round(float(np.mean(pred == np.array([t["instrument_label"] for t in texts]))), 4)}
+        per_clip[name] = {"chroma_similarity": chroma_similarity(tunes, w, sr).numpy(),
+                          "mulan_text_cosine": (text_emb * audio_emb).sum(-1).numpy(),
+                          "instrument_acc": (pred == np.array([t["instrument_label"] for t in texts])).astype(float)}
+        out[name] = {k: round(float(v.mean()), 4) for k, v in per_clip[name].items()}
         print(name, out[name], flush=True)
+    out["with_minus_without"] = {k: paired_interval(per_clip["with_melody"][k] - per_clip["without_melody"][k])
+                                 for k in per_clip["with_melody"]}
     rec = pipe.codec.decode(pipe.codec.encode(tunes), length=n)
     out["codec_roundtrip_chroma_similarity"] = round(float(chroma_similarity(tunes, rec, sr).mean()), 4)
     out["other_clip_chroma_similarity"] = round(float(chroma_similarity(tunes, tunes.roll(1, 0), sr).mean()), 4)

@@ -84,3 +84,14 @@ def test_melody_evaluation_reports_both_runs(tmp_path, monkeypatch):
     for run in ("with_melody", "without_melody"):
         assert 0 <= res[run]["chroma_similarity"] <= 1 and 0 <= res[run]["instrument_acc"] <= 1
     assert res["codec_roundtrip_chroma_similarity"] > res["other_clip_chroma_similarity"]
+    for k, d in res["with_minus_without"].items():   # paired difference of the two runs, with its interval
+        assert abs(d["mean"] - (res["with_melody"][k] - res["without_melody"][k])) < 1e-3, k
+        assert d["ci95"][0] <= d["mean"] + 1e-4 and d["mean"] <= d["ci95"][1] + 1e-4, (k, d)
+
+
+def test_paired_interval_brackets_the_mean_and_excludes_zero_only_for_a_clear_shift():
+    from evaluation.melody import paired_interval
+    rng = np.random.default_rng(1)
+    clear, noise = paired_interval(0.5 + 0.1 * rng.standard_normal(40)), paired_interval(rng.standard_normal(40))
+    assert clear["ci95"][0] > 0.4 and clear["ci95"][1] < 0.6
+    assert noise["ci95"][0] < 0 < noise["ci95"][1]
