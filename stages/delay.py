@@ -83,9 +83,8 @@ class DelayStage:
     def loss(self, batch, drop_cond, model=None) -> dict:
         device = self.model.codes.weight.device
         codes = batch["acoustic"][:, self.lo:self.hi].to(device)
-        B, K, T = codes.shape
-        target = delay(codes, self.model.empty)
-        inputs = torch.cat([target.new_full((B, K, 1), self.model.empty), target[..., :-1]], -1)
+        _, K, T = codes.shape
+        target, inputs = self.teacher_forced(codes)
         if (model or self.model).training and self.cfg.code_dropout > 0:   # hide some of the history: lean on the
             hide = torch.rand(inputs.shape, device=device) < self.cfg.code_dropout   # condition, not on copying
             inputs = inputs.masked_fill(hide, self.model.empty)
@@ -95,13 +94,18 @@ class DelayStage:
         logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1))
         return level_losses(logits, target, target != self.model.empty)
 
+    def teacher_forced(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [B, K, T] -> the delayed targets [B, K, T + K - 1] and the inputs that predict them (shifted by one
+        step, EMPTY first)."""
+        target = delay(codes, self.model.empty)
+        return target, torch.cat([target.new_full((*codes.shape[:2], 1), self.model.empty), target[..., :-1]], -1)
+
     @torch.no_grad()
     def score(self, mulan: torch.Tensor, semantic: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
         """Mean log-likelihood per row [B] of codes [B, K, T] given MuLan [B, Q_m] and semantic ids [B, T_s]
         (teacher-forced): what rescoring another kind's candidates asks of this one."""
-        B, K, T = codes.shape
-        target = delay(codes, self.model.empty)
-        inputs = torch.cat([target.new_full((B, K, 1), self.model.empty), target[..., :-1]], -1)
+        _, K, T = codes.shape
+        target, inputs = self.teacher_forced(codes)
         sem = None if semantic is None else extend(frame_rate_ids(semantic, self.ratio, T), T + K - 1)
         logp = self.model(self.cond(mulan, None), inputs, sem).float().log_softmax(-1)     # [B, S, K, V]
         valid = target != self.model.empty

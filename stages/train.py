@@ -62,7 +62,7 @@ def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, b
     mine = slice(rank, None, world)
     draws = [d[mine] for d in condition_draws(cfg, g, batch)]
     b = cache.window(pick[mine], starts[mine], frames, ratio)
-    b["mulan"] = training_condition(b, cfg, *draws) if train else b["mulan"][:, : cfg.mulan_levels]
+    b["mulan"] = training_condition(b, cfg, *draws[:4]) if train else b["mulan"][:, : cfg.mulan_levels]
     if "melody" in b and train:   # melody dropout: a share of rows learns to do without one
         b["melody"] = torch.where(draws[-1][:, None], NO_MELODY, b["melody"])
     return b, drop[mine]
@@ -78,7 +78,7 @@ def condition_draws(cfg: StageConfig, g: torch.Generator, batch: int) -> tuple[t
     return use_text, which, keep, cut, no_melody
 
 
-def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut, no_melody) -> torch.Tensor:
+def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut) -> torch.Tensor:
     """The MuLan tokens [B, Q_m] a training row is conditioned on: its audio's, or (cond_source text/mix) those
     of one of its captions; rows that are `cut` keep only their first `keep` levels, the rest null (level
     dropout). The draws come from the step's generator, so DDP ranks and a resumed run agree."""
@@ -122,20 +122,20 @@ def evaluate(stage, cache: TokenCache, cfg: StageConfig, conditions: list[str] |
     model, totals = model or stage.model, {name: {} for name in conditions}
     was_training = model.training
     model.eval()
+
+    def add(name: str, b: dict, condition: str) -> None:   # sum a batch's per-level loss, hits, count
+        out = stage.loss(*with_condition(b, condition, cfg), model)
+        for level, (ce, correct, n) in out["per_level"].items():
+            t = totals.setdefault(name, {}).setdefault(level, [0.0, 0, 0])
+            t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
+
     for i in range(cfg.eval_batches):
         b, _ = batch_at(cache, rows, cfg, i, cfg.batch_size, seed_offset=99991, train=False)
         tune = b.pop("melody", None)   # scored as a text prompt runs; with its melody separately below
         if tune is not None and getattr(stage.cfg, "melody_input", False):
-            out = stage.loss(*with_condition({**b, "melody": tune}, conditions[0], cfg), model)
-            t = totals.setdefault("melody", {})
-            for level, (ce, correct, n) in out["per_level"].items():
-                v = t.setdefault(level, [0.0, 0, 0])
-                v[0], v[1], v[2] = v[0] + float(ce), v[1] + int(correct), v[2] + n
+            add("melody", {**b, "melody": tune}, conditions[0])
         for name in conditions:
-            out = stage.loss(*with_condition(b, name, cfg), model)
-            for level, (ce, correct, n) in out["per_level"].items():
-                t = totals[name].setdefault(level, [0.0, 0, 0])
-                t[0], t[1], t[2] = t[0] + float(ce), t[1] + int(correct), t[2] + n
+            add(name, b, name)
     model.train(was_training)
     names, main = stage.level_names(), totals[conditions[0]]
     res = {f"loss/{names[l]}": round(v[0] / v[2], 4) for l, v in sorted(main.items())}

@@ -35,3 +35,14 @@ def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), 
              "clips": [{"audio": f"{i}.wav", "caption": "", "split": s} for i, s in enumerate(splits)]}
     (root / "index.json").write_text(json.dumps(index))
     return root
+
+
+def damage_cache(root: Path, damage: str) -> None:
+    """Break a token cache one of three ways: "index" (not JSON), "missing" (an array gone), "short" (an array
+    with fewer rows than the index has clips)."""
+    if damage == "index":
+        (root / "index.json").write_text("{not json")
+    elif damage == "missing":
+        (root / "semantic.npy").unlink()
+    else:
+        np.save(root / "acoustic.npy", np.load(root / "acoustic.npy")[:2])

@@ -169,8 +169,7 @@ def test_training_conditions_text_mix_and_level_dropout(tmp_path):
     assert 0.4 < no_melody.float().mean() < 0.6   # melody dropout 0.5 by default
     assert 0.4 < use_text.float().mean() < 0.6 and cut.all() and set(keep.tolist()) == {1, 2}
     m = training_condition({"mulan": torch.zeros(400, 3, dtype=torch.long),
-                            "mulan_text": torch.ones(400, 2, 3, dtype=torch.long)}, mix, use_text, which, keep, cut,
-                           no_melody)
+                            "mulan_text": torch.ones(400, 2, 3, dtype=torch.long)}, mix, use_text, which, keep, cut)
     assert torch.equal(m[:, 0], use_text.long())                  # text rows carry text tokens
     assert (m[:, 2] == 8).all() and torch.equal(m[:, 1] == 8, keep == 1)   # levels from k on are null
     with pytest.raises(UserError, match="needs text tokens"):

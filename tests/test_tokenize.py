@@ -90,14 +90,9 @@ def test_text_tokens_of_captions_and_rephrasings(parts, tmp_path):
 
 @pytest.mark.parametrize("damage", ["index", "missing", "short"])
 def test_a_damaged_cache_is_named_not_a_traceback(damage, parts, tmp_path):
-    import numpy as np
+    from tests.stage_helpers import damage_cache
     tokenize([parts / "m.jsonl"], tmp_path / "c", paths(parts), seconds=1.0)
-    if damage == "index":
-        (tmp_path / "c" / "index.json").write_text("{not json")
-    elif damage == "missing":
-        (tmp_path / "c" / "semantic.npy").unlink()
-    else:
-        np.save(tmp_path / "c" / "acoustic.npy", np.load(tmp_path / "c" / "acoustic.npy")[:2])
+    damage_cache(tmp_path / "c", damage)
     with pytest.raises(UserError, match="damaged"):
         TokenCache(tmp_path / "c")
 

@@ -177,14 +177,9 @@ def test_cuda_asked_for_where_there_is_none(data, tmp_path):
 def test_a_damaged_cache_stops_training_with_one_line(damage, data, tmp_path):
     import shutil
 
-    import numpy as np
+    from tests.stage_helpers import damage_cache
     shutil.copytree(data / "cache", tmp_path / "cache")
-    if damage == "index":
-        (tmp_path / "cache" / "index.json").write_text("{")
-    elif damage == "missing":
-        (tmp_path / "cache" / "semantic.npy").unlink()
-    else:
-        np.save(tmp_path / "cache" / "acoustic.npy", np.load(tmp_path / "cache" / "acoustic.npy")[:5])
+    damage_cache(tmp_path / "cache", damage)
     cmd = [c if not c.startswith("cache=") else f"cache={tmp_path / 'cache'}" for c in command("stage", data, tmp_path / "r", 4)]
     assert_clean_error(run_module(*cmd), "damaged")
     assert not (tmp_path / "r" / "last").exists()
