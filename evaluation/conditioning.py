@@ -72,7 +72,7 @@ def label_table(cache, manifests: list[Path]) -> list[dict | None]:
 
 @torch.no_grad()
 def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: list[dict], seconds: float = 10.0,
-                    guidance: float = 3.0, seed: int = 0) -> dict:
+                    sampling=None, seed: int = 0) -> dict:
     """Probe accuracy on semantic ids generated from `prompts`, and on held-out real ids, per attribute."""
     from evaluation.semantic import bags
     from stages.sampling import Sampling
@@ -82,8 +82,9 @@ def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: lis
     ids = cache.arrays["semantic"]
     text = mulan.tokens(mulan.embed_text([p["caption"] for p in prompts]))[:, : stage.cfg.mulan_levels]
     n = int(round(seconds * stage.cfg.semantic_rate))
-    gen = stage.generate(text, n, Sampling(guidance=guidance), generator=torch.Generator().manual_seed(seed))
-    out = {"prompts": len(prompts)}
+    sampling = sampling or Sampling(guidance=3.0)
+    gen = stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed))
+    out = {"prompts": len(prompts), "guidance": sampling.guidance, "temperature": sampling.temperature}
     for name, get in attrs.items():
         train = [i for i in cache.rows("train") if labels[i] is not None and get(labels[i]) is not None]
         held = [i for i in np.concatenate([cache.rows("valid"), cache.rows("test")]) if labels[i] is not None
@@ -118,7 +119,13 @@ def main() -> None:
                     help="also probe semantic ids generated from these prompts (rows: caption, instrument_label, ...)")
     ap.add_argument("--labels", type=Path, nargs="+", default=[], help="manifests with the cache clips' metadata")
     ap.add_argument("--mulan", default="pretrained/mulan")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[3.0],
+                    help="classifier-free guidance scales for --generate-from (one probe row each)")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                    help="sampling temperatures for --generate-from (crossed with --guidance)")
     args = ap.parse_args()
+    if min(args.guidance) < 0 or min(args.temperature) < 0:
+        raise UserError("--guidance and --temperature must be >= 0 (1.0 turns guidance off)")
     if args.generate_from and (not args.generate_from.is_file() or not args.labels):
         raise UserError("--generate-from needs an existing prompts JSONL and --labels (e.g. corpus/train.jsonl)")
     use_threads()
@@ -143,9 +150,15 @@ def main() -> None:
         if args.generate_from and stage.role == "semantic":
             from audio_tokenizers.mulan import load_conditioner
             from evaluation.generate_and_score import load_prompts
-            results[name]["generated"] = generated_probe(stage, load_conditioner(args.mulan), cache,
-                                                         label_table(cache, args.labels), load_prompts(args.generate_from, 10**6))
-            print(name, "generated", json.dumps(results[name]["generated"]), flush=True)
+            from stages.sampling import Sampling
+            mulan, labels = load_conditioner(args.mulan), label_table(cache, args.labels)
+            prompts = load_prompts(args.generate_from, 10**6)
+            rows_out = []
+            for g in args.guidance:
+                for t in args.temperature:
+                    rows_out.append(generated_probe(stage, mulan, cache, labels, prompts, sampling=Sampling(guidance=g, temperature=t)))
+                    print(name, "generated", json.dumps(rows_out[-1]), flush=True)
+            results[name]["generated"] = rows_out[0] if len(rows_out) == 1 else rows_out
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

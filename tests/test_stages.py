@@ -204,3 +204,10 @@ def test_conditioning_signal_of_a_stage_that_reads_its_condition(tmp_path):
     probe = generated_probe(stage, Words(), cache, labels, prompts, seconds=1.0)
     assert probe["instrument"]["prompts"] == 16 and probe["instrument"]["generated"] > 0.8
     assert "real_held_out" in probe["instrument"] and "tempo_band" not in probe
+    from stages.sampling import Sampling   # the sweep records its setting; guidance 0 samples the prompt-blind model
+    blind = generated_probe(stage, Words(), cache, labels, prompts, seconds=1.0, sampling=Sampling(guidance=0.0))
+    assert (blind["guidance"], blind["temperature"]) == (0.0, 1.0)
+    assert blind["instrument"]["generated"] < probe["instrument"]["generated"] - 0.15
+    from tests.helpers import assert_clean_error, run_module
+    assert_clean_error(run_module("evaluation.conditioning", "--stage", "semantic=x", "--cache", "y",
+                                  "--guidance", "-1"), "--guidance")
