@@ -39,7 +39,7 @@ def parse_knobs(items: list[str]) -> list[tuple[str, str, object]]:
     import yaml
 
     from stages.sampling import Sampling
-    fields = {f.name: f for f in dataclasses.fields(Sampling) if f.name != "guidance"}
+    fields = {f.name: f for f in dataclasses.fields(Sampling)}   # STAGE.guidance overrides --guidance there
     out = []
     for item in items:
         name, _, text = item.partition("=")

@@ -7,7 +7,7 @@ A variant is a YAML file; every key is optional (missing parts are the shipped d
 
     name: no-guidance
     stages: {coarse: runs/coarse_big/last}          # NAME: checkpoint, as --stage NAME=PATH
-    options: {seed: 0, guidance: 1.0, coarse: {temperature: 0.9, top_k: 50}}
+    options: {seed: 0, guidance: 3.0, coarse: {guidance: 1.0, temperature: 0.9, top_k: 50}}
     # masked stages also take steps (per level), guidance_end and anneal_temperature
 
 Each variant's clips, scores and spectrogram grid go to --out/<name>/; the combined table
@@ -53,7 +53,7 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
             from dataclasses import fields
 
             from stages.sampling import Sampling
-            knobs = [f.name for f in fields(Sampling) if f.name != "guidance"]
+            knobs = [f.name for f in fields(Sampling)]   # a stage's guidance overrides the global one
             bad = sorted(set(value or {}) - set(knobs)) if isinstance(value, dict) else [value]
             if bad:
                 raise UserError(f"variant {path}: {key} knobs {bad} are unknown; use {', '.join(knobs)}")

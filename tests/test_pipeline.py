@@ -50,6 +50,10 @@ def test_end_to_end_length_rate_and_seed(parts, tmp_path, monkeypatch, capsys):
         codes.append(pipe.last_codes["acoustic"])
     assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
     assert codes[0].shape == (1, 4, 252)  # ceil(2.5 s x 25 Hz) = 63 semantic frames x 4
+    from pipeline_cli import parse_knobs   # a stage's own guidance overrides the global one
+    (stage, key, value), = parse_knobs(["coarse.guidance=1"])
+    s = pipe._sampling(GenerationOptions(guidance=4.0, **{stage: {key: value}}))
+    assert (s["semantic"].guidance, s["coarse"].guidance, s["fine"].guidance) == (4.0, 1, 1.0)
     assert (tmp_path / "a.png").stat().st_size > 1000
     assert "generated in" in out and "semantic" in out
 
