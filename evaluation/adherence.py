@@ -46,10 +46,12 @@ def normalise_key(key: str) -> str:
     return f"{ALIASES.get(tonic, tonic)} {mode.lower()}"
 
 
-def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=None) -> dict:
+def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=None,
+              per_clip: list[dict] | None = None) -> dict:
     """Accuracy of tempo, key and instrument against the rows' metadata, each over the rows that state it
     (`n_tempo`, ... say how many when not all do); `instrument_distinct_correct` counts the different
-    instruments recognised where asked for."""
+    instruments recognised where asked for. With `per_clip` (one dict per row), each clip's outcome is
+    added to its dict as `tempo_ok`, `key_ok`, `instrument_ok` (and `instrument_heard`)."""
     from evaluation.codec import mfcc_features
     out = {}
     for field, name in (("tempo", "tempo"), ("key", "key"), ("instrument_label", "instrument")):
@@ -64,7 +66,13 @@ def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=Non
             pred = classifier.predict(np.stack([mfcc_features(waves[i], sr) for i in asked]))
             ok = list(pred == np.array([rows[i]["instrument_label"] for i in asked]))
             out["instrument_distinct_correct"] = len({rows[i]["instrument_label"] for i, good in zip(asked, ok) if good})
+            if per_clip is not None:
+                for i, heard in zip(asked, pred):
+                    per_clip[i]["instrument_heard"] = str(heard)
         out[f"{name}_acc"] = float(np.mean(ok))
+        if per_clip is not None:
+            for i, good in zip(asked, ok):
+                per_clip[i][f"{name}_ok"] = bool(good)
         if len(asked) < len(rows):
             out[f"n_{name}"] = len(asked)
     return out

@@ -6,8 +6,8 @@
 Prompts: a JSONL manifest (the caption is the prompt; a row's own audio, e.g. the corpus
 builder's render of that caption, is its reference, and its metadata drives adherence) or a
 text file with one prompt per line (then only the reference-free metrics are reported).
-Writes `scores.json`, `scores.md` (one table) and `grid.png` (log-mel spectrograms) to --out,
-and the generated clips to --out/clips/.
+Writes `scores.json`, `scores.md` (one table), `clips.jsonl` (each clip's own outcomes) and `grid.png`
+(log-mel spectrograms) to --out, and the generated clips to --out/clips/.
 
 Metrics (see evaluation/metrics.py and evaluation/adherence.py):
 - `fad_<backend>`: Fréchet distance between outputs and references, per embedding backend;
@@ -67,7 +67,10 @@ def generate_all(pipe, rows: list[dict], duration: float, options, out: Path) ->
 
 
 @torch.no_grad()
-def score(pipe, rows, waves, times, duration: float, fad_backends: list[str], classifier=None) -> dict:
+def score(pipe, rows, waves, times, duration: float, fad_backends: list[str], classifier=None,
+          per_clip: list[dict] | None = None) -> dict:
+    """The table's measures over all clips; with `per_clip` (one dict per row), each clip's own outcomes too
+    (MuLan cosine to its prompt, tempo / key / instrument right or not), for paired comparisons."""
     from evaluation.adherence import adherence
     from evaluation.embeddings import embedder
     from evaluation.metrics import cycle_consistency, frechet_distance, kl_divergence, mel_distance, si_snr
@@ -78,7 +81,10 @@ def score(pipe, rows, waves, times, duration: float, fad_backends: list[str], cl
     text = pipe.mulan.embed_text([r["caption"] for r in rows])
     audio = torch.cat([pipe.mulan.embed_audio(torch.from_numpy(w)[None, None], sr) for w in waves])
     res.update(cycle_consistency(text, audio))
-    res.update(adherence(rows, waves, sr, classifier))
+    if per_clip is not None:
+        for d, cos in zip(per_clip, (text * audio).sum(-1).tolist()):
+            d["mcc"] = round(cos, 4)
+    res.update(adherence(rows, waves, sr, classifier, per_clip))
     if refs is not None:
         res.update({f"ref_{k}": v for k, v in adherence(rows, refs, sr, classifier).items()})
         for backend in fad_backends:
@@ -145,9 +151,11 @@ def run_variant(name: str, paths: dict, options, rows, args, classifier, out: Pa
     from pipeline import Pipeline, load_parts
     pipe = Pipeline(load_parts(paths))
     waves, times = generate_all(pipe, rows, args.duration, options, out)
-    res = score(pipe, rows, waves, times, args.duration, args.fad, classifier)
+    per_clip = [{"caption": r["caption"]} for r in rows]
+    res = score(pipe, rows, waves, times, args.duration, args.fad, classifier, per_clip)
     plot_grid(waves, [r["caption"] for r in rows], pipe.sample_rate, out / "grid.png")
     (out / "scores.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "clips.jsonl").write_text("".join(json.dumps(d) + "\n" for d in per_clip))
     (out / "scores.md").write_text(markdown_table({name: res}))
     return res
 

@@ -22,17 +22,10 @@ import numpy as np
 import torch
 
 from evaluation import use_threads
+from evaluation.metrics import paired_interval
 from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
-
-
-def paired_interval(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> dict:
-    """Mean of per-clip differences (same clip and seed with and without the melody) and its 95% bootstrap interval."""
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(1)
-    return {"mean": round(float(diff.mean()), 4), "ci95": [round(float(np.quantile(means, 0.025)), 4),
-                                                            round(float(np.quantile(means, 0.975)), 4)]}
 
 
 @torch.no_grad()

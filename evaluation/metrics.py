@@ -68,3 +68,14 @@ def kl_divergence(p_ref, p_out, eps: float = 1e-6) -> float:
     p, q = np.asarray(p_ref) + eps, np.asarray(p_out) + eps
     p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
     return float((p * np.log(p / q)).sum(1).mean())
+
+
+def paired_interval(diff, draws: int = 2000, seed: int = 0) -> dict:
+    """Mean of per-clip paired differences (same clip and seed, two settings) and its 95% bootstrap interval."""
+    import numpy as np
+    diff = np.asarray(diff, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(1)
+    return {"mean": round(float(diff.mean()), 4), "ci95": [round(float(np.quantile(means, 0.025)), 4),
+                                                            round(float(np.quantile(means, 0.975)), 4)],
+            "clips": len(diff)}

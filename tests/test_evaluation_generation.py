@@ -98,6 +98,10 @@ def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path, monkey
                 "instrument_acc", "codec_mel_distance", "seconds_per_clip"):
         assert key in res, key
     assert -1 <= res["mcc"] <= 1 and res["kl"] >= 0 and res["fad_features"] >= 0
+    clips = [json.loads(l) for l in (tmp_path / "gen/clips.jsonl").read_text().splitlines()]   # the same, per clip
+    assert len(clips) == 2 and abs(np.mean([c["mcc"] for c in clips]) - res["mcc"]) < 1e-3
+    for key in ("tempo", "instrument"):
+        assert np.mean([c[f"{key}_ok"] for c in clips]) == res[f"{key}_acc"]
     assert "| default |" in (tmp_path / "gen/scores.md").read_text()
     assert (tmp_path / "gen/grid.png").stat().st_size > 1000
     assert_clean_error(run_module("evaluation.generate_and_score", "--prompts", str(tmp_path / "none.txt"),
@@ -116,10 +120,16 @@ def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypat
     in_process(monkeypatch, main, "--variants", tmp_path / "a.yaml", tmp_path / "b.yaml", "--prompts", prompts,
                "--out", tmp_path / "abl", "--duration", "1.0", "--fad", "features")
     res = json.loads((tmp_path / "abl/ablation.json").read_text())
-    assert set(res) == {"cfg3", "greedy-fine"} and all("mcc" in r for r in res.values())
+    assert set(res) == {"cfg3", "greedy-fine", "paired"} and all("mcc" in res[n] for n in ("cfg3", "greedy-fine"))
     assert "fad_features" not in res["cfg3"]   # text prompts have no references
     table = (tmp_path / "abl/ablation.md").read_text()
     assert "| cfg3 |" in table and "| greedy-fine |" in table
+    clips = [json.loads(l) for l in (tmp_path / "abl/cfg3/clips.jsonl").read_text().splitlines()]
+    assert [c["caption"] for c in clips] == ["calm piano", "fast drums"] and all(-1 <= c["mcc"] <= 1 for c in clips)
+    other = [json.loads(l) for l in (tmp_path / "abl/greedy-fine/clips.jsonl").read_text().splitlines()]
+    mcc = res["paired"]["greedy-fine"]["mcc"]   # the second variant minus the first, clip by clip
+    assert mcc["clips"] == 2 and abs(mcc["mean"] - np.mean([b["mcc"] - a["mcc"] for a, b in zip(clips, other)])) < 1e-3
+    assert mcc["ci95"][0] <= mcc["mean"] <= mcc["ci95"][1] and "greedy-fine" in (tmp_path / "abl/paired.md").read_text()
     (tmp_path / "bad.yaml").write_text("name: x\nstagez: {}\n")
     assert_clean_error(run_module("evaluation.ablate", "--variants", str(tmp_path / "bad.yaml"), "--prompts",
                                   str(prompts), "--out", str(tmp_path / "abl2")), "unknown keys")

@@ -90,7 +90,7 @@ def test_melody_evaluation_reports_both_runs(tmp_path, monkeypatch):
 
 
 def test_paired_interval_brackets_the_mean_and_excludes_zero_only_for_a_clear_shift():
-    from evaluation.melody import paired_interval
+    from evaluation.metrics import paired_interval
     rng = np.random.default_rng(1)
     clear, noise = paired_interval(0.5 + 0.1 * rng.standard_normal(40)), paired_interval(rng.standard_normal(40))
     assert clear["ci95"][0] > 0.4 and clear["ci95"][1] < 0.6
