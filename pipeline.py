@@ -234,7 +234,9 @@ class Pipeline:
         out = {}
         for k in ("semantic", "coarse", "fine"):
             stage = self.parts[k]
-            knobs = {**(stage.sampling_defaults() if stage is not None else {}), **getattr(o, k)}
+            # the kind's defaults, then the checkpoint's own (export --sampling), then the caller's
+            own = (getattr(stage, "meta", None) or {}).get("sampling", {}) if stage is not None else {}
+            knobs = {**(stage.sampling_defaults() if stage is not None else {}), **own, **getattr(o, k)}
             out[k] = Sampling(**{"guidance": o.guidance if k != "fine" else 1.0, **knobs})
         return out
 

@@ -307,6 +307,17 @@ def export(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
     return save_checkpoint(dst, ck.kind, ck.config, ck.state_dict, meta={**ck.meta, **(meta or {})}, dtype=dtype)
 
 
+def sampling_meta(items: list[str]) -> dict:
+    """['temperature=0.8', ...] -> {'temperature': 0.8}, each key a stages.sampling.Sampling knob of its type."""
+    from pipeline_cli import parse_knobs
+    from common.errors import UserError
+    try:
+        return {key: value for _, key, value in parse_knobs([f"semantic.{item}" for item in items])}
+    except UserError as e:
+        raise UserError(str(e).replace("--knob 'semantic.", "--sampling '").split(": write")[0]
+                        + ": write KEY=VALUE with KEY a knob of stages/sampling.py, e.g. temperature=0.8") from None
+
+
 def main() -> None:
     import argparse
 
@@ -318,8 +329,12 @@ def main() -> None:
         ex = sub.add_parser("export", help="fp16 weights without training state, e.g. into pretrained/")
         ex.add_argument("src")
         ex.add_argument("dst")
+        ex.add_argument("--sampling", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="a stage's default sampling knobs, chosen on held-out prompts (e.g. temperature=0.8): "
+                             "the pipeline uses them unless told otherwise")
         args = ap.parse_args()
-        out = export(args.src, args.dst)
+        meta = {"sampling": sampling_meta(args.sampling)} if args.sampling else None
+        out = export(args.src, args.dst, meta=meta)
         size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
         print(f"exported {args.src} -> {out} ({size:.1f} MB)")
     run_cli(run)

@@ -54,6 +54,17 @@ def test_end_to_end_length_rate_and_seed(parts, tmp_path, monkeypatch, capsys):
     (stage, key, value), = parse_knobs(["coarse.guidance=1"])
     s = pipe._sampling(GenerationOptions(guidance=4.0, **{stage: {key: value}}))
     assert (s["semantic"].guidance, s["coarse"].guidance, s["fine"].guidance) == (4.0, 1, 1.0)
+    # a checkpoint may carry its own defaults (export --sampling), between the kind's and the caller's
+    from common.checkpoint import export, sampling_meta
+    from stages.base import load_stage
+    pipe.parts["semantic"] = load_stage(export(parts / "semantic", tmp_path / "sem",
+                                               meta={"sampling": sampling_meta(["temperature=0.5", "top_k=7"])}))
+    s = pipe._sampling(GenerationOptions(semantic={"top_k": 3}))
+    assert (s["semantic"].temperature, s["semantic"].top_k, s["coarse"].temperature) == (0.5, 3, 0.95)
+    from tests.helpers import assert_clean_error, run_module
+    assert_clean_error(run_module("common.checkpoint", "export", str(parts / "semantic"), str(tmp_path / "s2"),
+                                  "--sampling", "temprature=0.5"), "temprature")
+    assert not (tmp_path / "s2").exists()
     assert (tmp_path / "a.png").stat().st_size > 1000
     assert "generated in" in out and "semantic" in out
 
