@@ -44,6 +44,9 @@ class Checkpoint:
 
 # ---------------------------------------------------------------- writing
 
+CHECKPOINT_FILES = {"model.safetensors", "config.json", "train_state.safetensors", "train_state.json"}
+
+
 def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any],
                     state_dict: dict[str, torch.Tensor], meta: dict[str, Any] | None = None,
                     train_state: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
@@ -61,6 +64,10 @@ def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any],
             tensors, info = _flatten_train_state(train_state)
             save_file(tensors, str(tmp / "train_state.safetensors"))
             _write_json(tmp / "train_state.json", info)
+        if path.is_dir():   # files beside the checkpoint (a model card, notes) survive a re-save or an export
+            for f in path.iterdir():
+                if f.is_file() and f.name not in CHECKPOINT_FILES:
+                    shutil.copy2(f, tmp / f.name)
         _fsync_dir(tmp)
         os.chmod(tmp, umask_mode(directory=True))   # mkdtemp made it 0700
         for f in tmp.iterdir():

@@ -142,3 +142,9 @@ def test_export_casts_to_fp16_and_drops_train_state(tmp_path):
     ck = load_checkpoint(tmp_path / "ship", with_train_state=True)
     assert ck.train_state is None and ck.config == {"a": 1} and ck.state_dict["0.weight"].dtype == torch.float16
     assert not (tmp_path / "ship" / "train_state.json").exists()
+    # exporting over a shipped model keeps its card and replaces only the checkpoint files
+    (tmp_path / "ship" / "CARD.md").write_text("# card\n")
+    proc = run_module("common.checkpoint", "export", str(tmp_path / "run"), str(tmp_path / "ship"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ship" / "CARD.md").read_text() == "# card\n"
+    assert sorted(f.name for f in (tmp_path / "ship").iterdir()) == ["CARD.md", "config.json", "model.safetensors"]
