@@ -64,7 +64,7 @@ class DelayStage:
         self.model = FrameModel(self.hi - self.lo, cfg.acoustic_codebook, 0 if fine else cfg.mulan_levels,
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
                                 self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context,
-                                cfg.tie_embeddings)
+                                cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""

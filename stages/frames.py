@@ -31,12 +31,18 @@ class FrameModel(nn.Module):
 
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
                  known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
-                 tie: bool = False):
+                 tie: bool = False, cond_dim: int = 0):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
         self.cond = nn.Embedding(cond_levels * (cond_codebook + 1), dim)
         self.register_buffer("cond_offsets", torch.arange(cond_levels) * (cond_codebook + 1), persistent=False)
+        # mulan_vectors: MuLan tokens enter as their RVQ code vectors through one linear map (as in the semantic
+        # stage, stages/transformer.py); `cond` then keeps only each level's null row
+        self.cond_proj = nn.Linear(cond_dim, dim) if cond_dim and cond_levels else None
+        if self.cond_proj is not None:
+            self.register_buffer("cond_vectors", torch.zeros(cond_levels, cond_codebook + 1, cond_dim))
+        self.cond_codebook = cond_codebook
         self.semantic = nn.Embedding(semantic_codebook, dim) if semantic_codebook else None
         # with semantic_context c, each frame also sees the ids of the c frames either side (a convolution over the
         # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
@@ -62,7 +68,12 @@ class FrameModel(nn.Module):
 
     def embed_prefix(self, cond: torch.Tensor) -> torch.Tensor:
         """MuLan tokens [B, Q_m] (null id = codebook) -> [B, Q_m, D]."""
-        return self.cond(cond + self.cond_offsets)
+        if self.cond_proj is None:
+            return self.cond(cond + self.cond_offsets)
+        levels = torch.arange(cond.shape[1], device=cond.device)
+        vec = self.cond_vectors[levels[None].expand_as(cond), cond]                 # [B, Q_m, E]; null rows are 0
+        null = self.cond(self.cond_offsets + self.cond_codebook)                    # [Q_m, D]
+        return null[None] + self.cond_proj(vec.to(self.cond_proj.weight.dtype))
 
     def semantic_features(self, semantic: torch.Tensor | None) -> torch.Tensor | None:
         """Semantic ids [B, T] at the frame rate -> what is summed into each frame [B, T, D] (None: no input)."""

@@ -184,8 +184,9 @@ def mulan_code_vectors(cfg: StageConfig, cache: TokenCache) -> torch.Tensor | No
         return None
     from common.checkpoint import load_checkpoint
     from data.tokenize import checkpoint_hash
-    if cfg.kind != "semantic":
-        raise UserError(f"mulan_vectors is a semantic-stage option (this config is kind {cfg.kind}); remove it")
+    if cfg.kind not in ("semantic", "delay") or cfg.role == "fine":
+        raise UserError(f"mulan_vectors is an option of the semantic kind and of delay stages that read MuLan tokens "
+                        f"(this config: kind {cfg.kind}, role {cfg.role}); remove it")
     path = Path(cfg.mulan_vectors)
     if not (path / "config.json").is_file():
         raise UserError(f"mulan_vectors={path}: no MuLan checkpoint there; pass the MuLan that made the cache "

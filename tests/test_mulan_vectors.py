@@ -86,3 +86,22 @@ def test_mulan_vectors_errors_name_the_fix(tmp_path):
     with pytest.raises(UserError, match="is not the MuLan that made"):
         train(config(cache, tmp_path / "b", f"mulan_vectors={other}"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_delay_stage_reads_mulan_tokens_through_code_vectors(tmp_path):
+    mulan = fake_mulan(tmp_path / "mulan")
+    cache = cache_with_unseen_codes(tmp_path / "cache", mulan)
+    over = [f"cache={cache.root}", f"mulan_levels={LEVELS}", f"mulan_codebook={CODES}", "steps=4", "eval_every=4",
+            "ckpt_every=4", f"mulan_vectors={mulan}"]
+    cfg = load_config(StageConfig, ROOT / "configs/debug/delay.yaml", [*over, "role=coarse", f"out={tmp_path / 'c'}"])
+    stage = load_stage(train(cfg), "coarse")
+    model = stage.model
+    assert stage.cfg.mulan_vector_dim == 4 and torch.allclose(model.cond_vectors[:, :CODES].float(), fake_books(mulan),
+                                                               atol=1e-3)
+    # a token is its vector: two codes with the same vector embed alike, a learned row per code would not
+    model.cond_vectors[0, 8] = model.cond_vectors[0, 2]
+    e = model.embed_prefix(torch.tensor([[2, 0, 0], [8, 0, 0], [1, 0, 0]]))
+    assert torch.allclose(e[0], e[1]) and not torch.allclose(e[0], e[2])
+    with pytest.raises(UserError, match="mulan_vectors"):   # the fine stage reads no MuLan tokens
+        train(load_config(StageConfig, ROOT / "configs/debug/delay.yaml", [*over, "role=fine", f"out={tmp_path / 'f'}"]))
+    assert not (tmp_path / "f").exists()
