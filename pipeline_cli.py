@@ -33,26 +33,19 @@ def parse_story(items: list[str], duration: float) -> list[tuple[str, float]]:
 
 
 def parse_knobs(items: list[str]) -> list[tuple[str, str, object]]:
-    """['coarse.candidates=4', ...] -> [('coarse', 'candidates', 4), ...], each key and type checked."""
-    import dataclasses
-
-    import yaml
-
-    from stages.sampling import Sampling
-    fields = {f.name: f for f in dataclasses.fields(Sampling)}   # STAGE.guidance overrides --guidance there
+    """['coarse.candidates=4', ...] -> [('coarse', 'candidates', 4), ...], each key and type checked
+    (STAGE.guidance overrides --guidance for that stage)."""
+    from stages.sampling import parse_knob
     out = []
     for item in items:
         name, _, text = item.partition("=")
         stage, _, key = name.partition(".")
-        if stage not in ("semantic", "coarse", "fine") or key not in fields or not text:
-            raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE with STAGE semantic, coarse or fine and KEY one "
-                            f"of {', '.join(fields)}")
-        value = yaml.safe_load(text)
-        default = fields[key].default
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float, list)) \
-                or isinstance(default, bool) and not isinstance(value, bool) or isinstance(default, str) and not isinstance(value, str):
-            raise UserError(f"--knob {item!r}: {key} takes a value like {default!r}")
-        out.append((stage, key, value))
+        if stage not in ("semantic", "coarse", "fine"):
+            raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE with STAGE semantic, coarse or fine")
+        try:
+            out.append((stage, key, parse_knob(key, text)))
+        except ValueError as e:
+            raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE; {e}") from None
     return out
 
 

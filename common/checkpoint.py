@@ -316,13 +316,16 @@ def export(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
 
 def sampling_meta(items: list[str]) -> dict:
     """['temperature=0.8', ...] -> {'temperature': 0.8}, each key a stages.sampling.Sampling knob of its type."""
-    from pipeline_cli import parse_knobs
     from common.errors import UserError
-    try:
-        return {key: value for _, key, value in parse_knobs([f"semantic.{item}" for item in items])}
-    except UserError as e:
-        raise UserError(str(e).replace("--knob 'semantic.", "--sampling '").split(": write")[0]
-                        + ": write KEY=VALUE with KEY a knob of stages/sampling.py, e.g. temperature=0.8") from None
+    from stages.sampling import parse_knob
+    out = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        try:
+            out[key] = parse_knob(key, text)
+        except ValueError as e:
+            raise UserError(f"--sampling {item!r}: write KEY=VALUE; {e}") from None
+    return out
 
 
 def main() -> None:

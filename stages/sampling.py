@@ -28,6 +28,23 @@ class Sampling:
         return replace(self, temperature=pick(self.temperature), top_k=pick(self.top_k), top_p=pick(self.top_p))
 
 
+def parse_knob(key: str, text: str):
+    """One knob from text ('temperature', '0.8' -> 0.8), checked against the Sampling field's type; ValueError
+    naming the problem otherwise."""
+    import dataclasses
+
+    import yaml
+    fields = {f.name: f for f in dataclasses.fields(Sampling)}
+    if key not in fields or not text:
+        raise ValueError(f"KEY is one of {', '.join(fields)}")
+    value = yaml.safe_load(text)
+    default = fields[key].default
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float, list)) \
+            or isinstance(default, bool) and not isinstance(value, bool) or isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{key} takes a value like {default!r}")
+    return value
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
