@@ -65,6 +65,8 @@ class StageConfig(RunConfig):
     mulan_vectors: str = ""           # semantic and delay kinds: a MuLan checkpoint whose RVQ code vectors, through one learned
                                       # linear map, embed the MuLan tokens ("" = a learned row per token)
     mulan_vector_dim: int = 0         # filled from mulan_vectors at training time (its embedding size)
+    cond_global: bool = False         # frame-aligned kinds: also sum the pooled MuLan condition into every frame
+    init: str = ""                    # start from this checkpoint's weights (a new module keeps its fresh init)
     # training (the run fields: common.training.RunConfig)
     cache: str = "cache/corpus"
     out: str = "runs/stage"

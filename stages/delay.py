@@ -64,7 +64,7 @@ class DelayStage:
         self.model = FrameModel(self.hi - self.lo, cfg.acoustic_codebook, 0 if fine else cfg.mulan_levels,
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
                                 self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context,
-                                cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim)
+                                cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim, cfg.cond_global and not fine)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""
@@ -149,9 +149,12 @@ class DelayStage:
         model, (B, K, T) = self.model, codes.shape
         guided = null is not None and s.guidance != 1.0
         both = lambda x: None if x is None else (torch.cat([x, x]) if guided else x)  # noqa: E731
-        semantic = model.semantic_features(both(extend(semantic, T + K - 1)))
+        rows = torch.cat([cond, null]) if guided else cond
+        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows)
+        if semantic is not None and semantic.shape[1] == 1:   # cond_global without semantic ids: every step
+            semantic = semantic.expand(-1, T + K - 1, -1)
         known = both(extend(known, T + K - 1))
-        prefix = model.embed_prefix(torch.cat([cond, null]) if guided else cond)
+        prefix = model.embed_prefix(rows)
         levels = torch.arange(K)
 
         def column(j: int) -> torch.Tensor:   # the pattern's column j [B, K]: frame j - k of level k, or EMPTY

@@ -7,6 +7,7 @@ the codes being made is given by construction instead of learned (SoundStorm's c
     position      M1   M2  |  frame 1     frame 2     frame 3     frame 4   ...
     prefix        m1   m2  |
     semantic               |  + s1        + s1        + s2        + s2        (25 Hz ids repeated to 50 Hz)
+    MuLan (cond_global)    |  + g         + g         + g         + g         (optional: the prefix pooled)
     known levels           |  + c1        + c2        + c3        + c4        (fine role: the coarse codes)
     own levels             |  + x1        + x2        + x3        + x4        (placed by the kind's pattern)
 
@@ -31,7 +32,7 @@ class FrameModel(nn.Module):
 
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
                  known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
-                 tie: bool = False, cond_dim: int = 0):
+                 tie: bool = False, cond_dim: int = 0, cond_global: bool = False):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
@@ -43,6 +44,10 @@ class FrameModel(nn.Module):
         if self.cond_proj is not None:
             self.register_buffer("cond_vectors", torch.zeros(cond_levels, cond_codebook + 1, cond_dim))
         self.cond_codebook = cond_codebook
+        # cond_global: the MuLan condition is also summed into every frame (one vector per row: the sum of its code
+        # vectors, or the mean of its learned rows, through a linear map that starts at zero), so a frame reads the
+        # instrument without finding it in the prefix by attention
+        self.cond_global = nn.Linear(cond_dim or dim, dim) if cond_global and cond_levels else None
         self.semantic = nn.Embedding(semantic_codebook, dim) if semantic_codebook else None
         # with semantic_context c, each frame also sees the ids of the c frames either side (a convolution over the
         # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
@@ -58,6 +63,8 @@ class FrameModel(nn.Module):
         # learnt once (a masked model copies from its neighbours long before it learns anything else)
         self.head = None if tie else nn.Linear(dim, levels * codebook, bias=False)
         self.apply(self._init)
+        if self.cond_global is not None:
+            nn.init.zeros_(self.cond_global.weight)   # a warm start from a model without it begins as that model
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -75,14 +82,27 @@ class FrameModel(nn.Module):
         null = self.cond(self.cond_offsets + self.cond_codebook)                    # [Q_m, D]
         return null[None] + self.cond_proj(vec.to(self.cond_proj.weight.dtype))
 
-    def semantic_features(self, semantic: torch.Tensor | None) -> torch.Tensor | None:
-        """Semantic ids [B, T] at the frame rate -> what is summed into each frame [B, T, D] (None: no input)."""
-        if self.semantic is None or semantic is None:
+    def global_condition(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """MuLan tokens [B, Q_m] -> the vector summed into every frame [B, D] (None without cond_global)."""
+        if self.cond_global is None:
             return None
+        if self.cond_proj is None:
+            pooled = self.cond(cond + self.cond_offsets).mean(1)
+        else:
+            levels = torch.arange(cond.shape[1], device=cond.device)
+            pooled = self.cond_vectors[levels[None].expand_as(cond), cond].sum(1)     # the quantized MuLan embedding
+        return self.cond_global(pooled.to(self.cond_global.weight.dtype))
+
+    def semantic_features(self, semantic: torch.Tensor | None, cond: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global) -> what is summed into
+        each frame [B, T, D] (None: no input)."""
+        g = None if cond is None else self.global_condition(cond)
+        if self.semantic is None or semantic is None:
+            return None if g is None else g[:, None]
         x = self.semantic(semantic)
         if self.semantic_conv is not None:
             x = x + self.semantic_conv(x.transpose(1, 2)).transpose(1, 2)
-        return x
+        return x if g is None else x + g[:, None]
 
     def embed_frames(self, codes: torch.Tensor, semantic: torch.Tensor | None = None,
                      known: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +125,8 @@ class FrameModel(nn.Module):
     def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,
                 known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
         """The whole sequence at once (training, scoring) -> logits [B, T, K, V] of the frame positions."""
-        x = torch.cat([self.embed_prefix(cond), self.embed_frames(codes, self.semantic_features(semantic), known)], 1)
+        frames = self.embed_frames(codes, self.semantic_features(semantic, cond), known)
+        x = torch.cat([self.embed_prefix(cond), frames], 1)
         return self.logits(run_blocks(self.blocks, x, self.heads, 0, None, mask)[:, cond.shape[1]:])
 
     def new_cache(self) -> list[dict]:

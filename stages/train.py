@@ -203,17 +203,51 @@ def mulan_code_vectors(cfg: StageConfig, cache: TokenCache) -> torch.Tensor | No
     return torch.cat([books, books.new_zeros(len(books), 1, books.shape[-1])], 1)
 
 
+def check_init(cfg: StageConfig):
+    """The checkpoint `init` names, checked to be a stage of this kind and role (before any training starts)."""
+    from common.checkpoint import load_checkpoint
+    path = Path(cfg.init)
+    if not (path / "config.json").is_file():
+        raise UserError(f"init={path}: no checkpoint there; pass a stage's model folder (e.g. runs/delay_coarse/model)")
+    ck = load_checkpoint(path)
+    kind, role = ck.config.get("kind"), ck.config.get("role")
+    if kind != cfg.kind or role != cfg.role:
+        raise UserError(f"init={path} is a {kind} {role} stage, this config trains a {cfg.kind} {cfg.role} one; "
+                        "start from a checkpoint of the same kind and role")
+    return ck
+
+
+def warm_start(model: torch.nn.Module, ck, path: str) -> None:
+    """Load `ck`'s weights into `model`; modules the checkpoint lacks keep their init (listed), anything else that
+    does not fit is refused."""
+    mine = model.state_dict()
+    extra = [k for k in ck.state_dict if k not in mine]
+    shapes = [k for k, v in ck.state_dict.items() if k in mine and mine[k].shape != v.shape]
+    if extra or shapes:
+        raise UserError(f"init={path} does not fit this config's model ({', '.join((extra + shapes)[:4])}); "
+                        "start from a checkpoint with the same dims, depth and inputs")
+    model.load_state_dict({k: v.to(mine[k].dtype) for k, v in ck.state_dict.items()}, strict=False)
+    new = sorted({k.rsplit(".", 1)[0] for k in mine if k not in ck.state_dict})
+    print(f"warm start from {path}" + (f"; new: {', '.join(new)}" if new else ""), flush=True)
+
+
 def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a later
     --resume continues the same schedule (useful for time-boxed sessions)."""
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
     cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")
+    if cfg.cond_global and (cfg.kind not in ("delay", "masked") or cfg.role == "fine"):
+        raise UserError(f"cond_global is an option of delay and masked stages that read MuLan tokens (this config: "
+                        f"kind {cfg.kind}, role {cfg.role}); remove it")
+    init = check_init(cfg) if cfg.init and not resume else None
     vectors = mulan_code_vectors(cfg, cache)
     cfg.mulan_vector_dim = 0 if vectors is None else vectors.shape[-1]
     task = StageTask(cfg, cache)
     if vectors is not None:
         task.model.cond_vectors.copy_(vectors)    # a buffer: saved with the weights, never trained
+    if init is not None:
+        warm_start(task.model, init, cfg.init)
     return run(task, cfg, resume, stop_after, fingerprints=cache.index["tokenizer_hashes"])
 
 

@@ -1,0 +1,77 @@
+"""cond_global (the pooled MuLan condition summed into every frame of a frame-aligned stage) and init (a warm
+start from another checkpoint's weights)."""
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.config import load_config
+from common.errors import UserError
+from data.tokenize import TokenCache
+from stages.base import StageConfig, load_stage
+from stages.delay import DelayStage, frame_rate_ids
+from stages.sampling import Sampling, cfg_mix
+from stages.train import check_init, train, warm_start
+from tests.helpers import ROOT
+from tests.stage_helpers import make_cache
+
+
+def config(tmp_path, out, *extra):
+    cache = tmp_path / "cache"
+    if not cache.exists():
+        make_cache(cache)
+    over = [f"cache={cache}", f"out={tmp_path / out}", "steps=6", "eval_every=6", "ckpt_every=6", *extra]
+    return load_config(StageConfig, ROOT / "configs/debug/delay.yaml", over)
+
+
+def test_warm_start_begins_as_the_old_model_and_the_global_path_reaches_every_frame(tmp_path):
+    plain = load_stage(train(config(tmp_path, "plain")), "coarse")
+    cfg = config(tmp_path, "global", "cond_global=true", f"init={tmp_path / 'plain/model'}")
+    stage = DelayStage(cfg)
+    warm_start(stage.model, check_init(cfg), cfg.init)
+    stage.model.eval()
+    cache = TokenCache(tmp_path / "cache")
+    b = cache.window(cache.rows("valid")[:2], np.zeros(2, dtype=int), 25, 2)
+    with torch.no_grad():
+        # the new linear map starts at zero: the warm-started model computes exactly what the old one did
+        assert torch.allclose(stage.loss(b, None)["loss"], plain.loss(b, None)["loss"], atol=1e-5)
+        torch.nn.init.normal_(stage.model.cond_global.weight)
+        cond = b["mulan"][:1]
+        other = (cond + 1) % 8
+        g = stage.model.semantic_features(None, torch.cat([cond, other]))
+    assert g.shape == (2, 1, 32) and not torch.allclose(g[0], g[1])
+
+
+def test_decoding_with_guidance_agrees_with_the_teacher_forced_model(tmp_path):
+    stage = load_stage(train(config(tmp_path, "g", "cond_global=true", "cond_dropout=0.3")), "coarse")
+    torch.nn.init.normal_(stage.model.cond_global.weight, std=0.5)   # make the global path matter
+    mulan = torch.tensor([[1, 2, 3], [5, 0, 7]])
+    semantic = torch.randint(0, 16, (2, 10))
+    s = Sampling(top_k=1, guidance=3.0)
+    codes = stage.generate(mulan, semantic, 20, s)
+    # replay: the model run on the codes it made, conditional and null rows mixed, picks those same codes
+    target, inputs = stage.teacher_forced(codes)
+    sem = frame_rate_ids(semantic, 2, 20)
+    sem = torch.cat([sem, sem[:, -1:]], 1)
+    with torch.no_grad():
+        cond = stage.model(mulan, inputs, sem)
+        null = stage.model(stage.cond(mulan, torch.ones(2, dtype=torch.bool)), inputs, sem)
+    picked = cfg_mix(cond, null, 3.0).argmax(-1).permute(0, 2, 1)
+    valid = target != stage.model.empty
+    assert (picked[valid] == target[valid]).all()
+
+
+def test_cond_global_and_init_errors_name_the_fix(tmp_path):
+    with pytest.raises(UserError, match="cond_global is an option"):
+        train(config(tmp_path, "f", "role=fine", "cond_global=true"))
+    with pytest.raises(UserError, match="no checkpoint there"):
+        train(config(tmp_path, "a", f"init={tmp_path / 'nowhere'}"))
+    fine = train(config(tmp_path, "fine", "role=fine"))
+    with pytest.raises(UserError, match="same kind and role"):
+        train(config(tmp_path, "b", f"init={fine}"))
+    coarse = train(config(tmp_path, "coarse"))
+    with pytest.raises(UserError, match="does not fit"):
+        train(config(tmp_path, "c", f"init={coarse}", "dim=64"))
+    for out in "fabc":
+        assert not (tmp_path / out).exists()
+    assert load_checkpoint(coarse).config["kind"] == "delay"
