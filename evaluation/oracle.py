@@ -140,12 +140,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--knob", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="a sampling knob of one stage, as pipeline.py --knob (e.g. coarse.temperature=0.7)")
     args = ap.parse_args()
     if not 1 <= args.seconds <= 10 or args.per_label < 1:
         raise UserError("--seconds must be in [1, 10] (the corpus clips are 10 s) and --per-label at least 1")
     train = args.train_manifest or args.manifest[0].parent / "train.jsonl"
     if not train.is_file():
         raise UserError(f"{train} not found; pass --train-manifest (train-split originals for the classifier)")
+    from pipeline_cli import parse_knobs
+    options = GenerationOptions(seed=args.seed, guidance=args.guidance)
+    for stage, key, value in parse_knobs(args.knob):
+        getattr(options, stage)[key] = value
     use_threads()
     pipe = Pipeline(load_parts(part_paths(args.stage)))
     clips = pick_clips(args.manifest, args.per_label, args.limit)
@@ -153,11 +159,12 @@ def main() -> None:
     print(f"{len(clips)} clips, {labels} instrument labels; fitting the classifier on {train}", flush=True)
     classifier = instrument_classifier(read_manifest(train)[: args.train_clips], pipe.sample_rate, args.seconds)
     results = run_oracle(pipe, clips, args.seconds, args.rows, classifier,
-                         GenerationOptions(seed=args.seed, guidance=args.guidance), args.batch)
+                         options, args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, len(clips), labels, args.seconds)
     (args.out / "oracle.json").write_text(json.dumps({"clips": len(clips), "labels": labels, "seconds": args.seconds,
-                                                       "stages": part_paths(args.stage), "rows": results}, indent=1))
+                                                       "stages": part_paths(args.stage), "knobs": args.knob,
+                                                       "rows": results}, indent=1))
     (args.out / "oracle.md").write_text(table)
     print(table)
 

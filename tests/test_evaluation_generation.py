@@ -151,3 +151,15 @@ def test_oracle_scores_every_row_on_labelled_clips(parts, tmp_path, monkeypatch)
     assert_clean_error(run_module("evaluation.oracle", "--manifest", str(tmp_path / "none.jsonl"),
                                   "--out", str(tmp_path / "x"), "--train-manifest", str(parts / "train.jsonl")),
                        "not found")
+    # --knob reaches the generation options the rows are rendered with
+    import evaluation.oracle as oracle
+    seen = []
+    real = oracle.run_oracle
+    monkeypatch.setattr(oracle, "run_oracle", lambda *a: seen.append(a[5]) or real(*a))
+    in_process(monkeypatch, main, "--manifest", parts / "test.jsonl", "--out", tmp_path / "k", "--seconds", "1.5",
+               "--per-label", "1", "--rows", "coarse_stage_only", "--knob", "coarse.temperature=0.5",
+               "--knob", "coarse.top_k=3", *stage_flags(parts))
+    assert seen[0].coarse == {"temperature": 0.5, "top_k": 3} and seen[0].semantic == {}
+    assert json.loads((tmp_path / "k/oracle.json").read_text())["knobs"] == ["coarse.temperature=0.5", "coarse.top_k=3"]
+    assert_clean_error(run_module("evaluation.oracle", "--manifest", str(parts / "test.jsonl"), "--out",
+                                  str(tmp_path / "y"), "--knob", "coarse.warmth=2"), "--knob")
