@@ -63,6 +63,12 @@ def tempo_band(bpm: float) -> int:
     return int(np.searchsorted([72, 100, 130], bpm, side="right"))
 
 
+# what the probes ask of a manifest row or prompt (None: the row does not say)
+ATTRIBUTES = {"instrument": lambda r: r.get("instrument_label"),
+              "tempo_band": lambda r: tempo_band(r["tempo"]) if r.get("tempo") is not None else None,
+              "key": lambda r: r.get("key")}
+
+
 def label_table(cache, manifests: list[Path]) -> list[dict | None]:
     """The manifest row of each cache clip (matched by audio path), None where none has it."""
     from data.manifest import read_manifest
@@ -77,15 +83,13 @@ def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: lis
     from evaluation.semantic import bags
     from stages.sampling import Sampling
     k = stage.cfg.semantic_codebook
-    attrs = {"instrument": lambda r: r.get("instrument_label"), "tempo_band": lambda r: tempo_band(r["tempo"]) if "tempo" in r else None,
-             "key": lambda r: r.get("key")}
     ids = cache.arrays["semantic"]
     text = mulan.tokens(mulan.embed_text([p["caption"] for p in prompts]))[:, : stage.cfg.mulan_levels]
     n = int(round(seconds * stage.cfg.semantic_rate))
     sampling = sampling or Sampling(guidance=3.0)
     gen = stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed))
     out = {"prompts": len(prompts), "guidance": sampling.guidance, "temperature": sampling.temperature}
-    for name, get in attrs.items():
+    for name, get in ATTRIBUTES.items():
         train = [i for i in cache.rows("train") if labels[i] is not None and get(labels[i]) is not None]
         held = [i for i in np.concatenate([cache.rows("valid"), cache.rows("test")]) if labels[i] is not None
                 and get(labels[i]) is not None]

@@ -20,34 +20,10 @@ import numpy as np
 
 from common.errors import UserError, run_cli
 
-ATTRIBUTES = ("instrument", "tempo_band", "key")
-
-
-def code_books(mulan_path: str | Path) -> np.ndarray:
-    """The RVQ code vectors [levels, codebook, E] of a MuLan checkpoint."""
-    from common.checkpoint import load_checkpoint
-    state = load_checkpoint(mulan_path, kind="mulan").state_dict
-    books, q = [], 0
-    while f"rvq.levels.{q}.codebook" in state:
-        books.append(state[f"rvq.levels.{q}.codebook"].float().numpy())
-        q += 1
-    return np.stack(books)
-
 
 def embed(tokens: np.ndarray, books: np.ndarray, k: int) -> np.ndarray:
     """MuLan tokens [N, Q] -> the quantized embedding of their first k levels [N, E]."""
     return sum(books[q][tokens[:, q]] for q in range(k))
-
-
-def attribute(row: dict | None, name: str):
-    from evaluation.conditioning import tempo_band
-    if row is None:
-        return None
-    if name == "instrument":
-        return row.get("instrument_label")
-    if name == "tempo_band":
-        return tempo_band(row["tempo"]) if row.get("tempo") is not None else None
-    return row.get("key")
 
 
 def probe(audio_tokens: np.ndarray, text_tokens: np.ndarray | None, books: np.ndarray, labels: list,
@@ -71,8 +47,9 @@ def probe(audio_tokens: np.ndarray, text_tokens: np.ndarray | None, books: np.nd
 
 
 def main() -> None:
-    from data.tokenize import TokenCache, checkpoint_hash
-    from evaluation.conditioning import label_table
+    from data.tokenize import TokenCache
+    from evaluation.conditioning import ATTRIBUTES, label_table
+    from stages.train import mulan_books
     ap = argparse.ArgumentParser(prog="python -m evaluation.token_probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", required=True, help="a token cache (data.tokenize) with MuLan tokens")
     ap.add_argument("--labels", type=Path, nargs="+", required=True, help="manifests with the cache clips' metadata")
@@ -84,10 +61,7 @@ def main() -> None:
         if not m.is_file():
             raise UserError(f"--labels {m}: no such manifest; pass the corpus's train/valid/test .jsonl files")
     cache = TokenCache(args.cache)
-    made_by = cache.index["tokenizer_hashes"].get("mulan")
-    if made_by and checkpoint_hash(args.mulan) != made_by:
-        raise UserError(f"--mulan {args.mulan} is not the MuLan that made {args.cache}'s tokens; pass that one")
-    books = code_books(args.mulan)
+    books = mulan_books(args.mulan, cache, "--mulan ").numpy()
     if min(args.levels) < 1 or max(args.levels) > len(books):
         raise UserError(f"--levels must lie in 1..{len(books)} (the MuLan's RVQ levels)")
     rows = label_table(cache, args.labels)
@@ -95,8 +69,8 @@ def main() -> None:
     text = cache.arrays["mulan_text"][:, 0].astype(np.int64) if "mulan_text" in cache.arrays else None
     train = cache.rows("train")
     held = np.concatenate([cache.rows("valid"), cache.rows("test")])
-    results = {name: probe(audio, text, books, [attribute(r, name) for r in rows], train, held, args.levels)
-               for name in ATTRIBUTES}
+    results = {name: probe(audio, text, books, [None if r is None else get(r) for r in rows], train, held, args.levels)
+               for name, get in ATTRIBUTES.items()}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

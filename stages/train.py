@@ -182,25 +182,37 @@ def mulan_code_vectors(cfg: StageConfig, cache: TokenCache) -> torch.Tensor | No
     the null id), checked to be the MuLan that made the cache's tokens; None when the option is off."""
     if not cfg.mulan_vectors:
         return None
-    from common.checkpoint import load_checkpoint
-    from data.tokenize import checkpoint_hash
     if cfg.kind not in ("semantic", "delay") or cfg.role == "fine":
         raise UserError(f"mulan_vectors is an option of the semantic kind and of delay stages that read MuLan tokens "
                         f"(this config: kind {cfg.kind}, role {cfg.role}); remove it")
-    path = Path(cfg.mulan_vectors)
+    books = mulan_books(cfg.mulan_vectors, cache, "mulan_vectors=")
+    if len(books) < cfg.mulan_levels or books.shape[1] != cfg.mulan_codebook:
+        raise UserError(f"mulan_vectors={cfg.mulan_vectors}: its RVQ does not have {cfg.mulan_levels} levels of "
+                        f"{cfg.mulan_codebook} codes like the cache")
+    books = books[: cfg.mulan_levels]
+    return torch.cat([books, books.new_zeros(len(books), 1, books.shape[-1])], 1)
+
+
+def mulan_books(path: str | Path, cache: TokenCache, flag: str) -> torch.Tensor:
+    """The RVQ code vectors [levels, codebook, E] of the MuLan checkpoint at `path`, checked to be the MuLan that
+    made the cache's tokens (`flag` names the option in the errors)."""
+    from common.checkpoint import load_checkpoint
+    from data.tokenize import checkpoint_hash
+    path = Path(path)
     if not (path / "config.json").is_file():
-        raise UserError(f"mulan_vectors={path}: no MuLan checkpoint there; pass the MuLan that made the cache "
+        raise UserError(f"{flag}{path}: no MuLan checkpoint there; pass the MuLan that made the cache "
                         "(e.g. pretrained/mulan)")
     made_by = cache.index["tokenizer_hashes"].get("mulan")
     if made_by and checkpoint_hash(path) != made_by:
-        raise UserError(f"mulan_vectors={path} is not the MuLan that made {cache.root}'s tokens ({made_by}); pass that one")
+        raise UserError(f"{flag}{path} is not the MuLan that made {cache.root}'s tokens ({made_by}); pass that one")
     state = load_checkpoint(path, kind="mulan").state_dict
-    books = [state.get(f"rvq.levels.{q}.codebook") for q in range(cfg.mulan_levels)]
-    if any(b is None or b.shape[0] != cfg.mulan_codebook for b in books):
-        raise UserError(f"mulan_vectors={path}: its RVQ does not have {cfg.mulan_levels} levels of "
-                        f"{cfg.mulan_codebook} codes like the cache")
-    books = torch.stack([b.float() for b in books])
-    return torch.cat([books, books.new_zeros(len(books), 1, books.shape[-1])], 1)
+    books, q = [], 0
+    while f"rvq.levels.{q}.codebook" in state:
+        books.append(state[f"rvq.levels.{q}.codebook"].float())
+        q += 1
+    if not books:
+        raise UserError(f"{flag}{path}: the checkpoint has no RVQ codebooks; pass a trained MuLan")
+    return torch.stack(books)
 
 
 def check_init(cfg: StageConfig):
