@@ -55,6 +55,9 @@ class MuLanConfig(RunConfig):
     rvq_levels: int = 12
     rvq_codebook_size: int = 1024
     dropout: float = 0.1               # in both towers (0 for runs that must match across DDP ranks exactly)
+    lock_audio: str = ""               # a MuLan whose audio tower and RVQ are kept: only the text tower trains
+                                       # (mulan_lit.py), so the audio tokens stay that MuLan's
+    locked_audio_hash: str = ""        # filled at training time: the hash of the MuLan whose audio tokens this makes
     # training (and the run fields: common.training.RunConfig, with this part's defaults)
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"

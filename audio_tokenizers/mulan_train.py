@@ -137,6 +137,9 @@ class MuLanTask:
 
 
 def train(cfg: MuLanConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    if cfg.lock_audio:
+        from audio_tokenizers.mulan_lit import LockedAudioTask
+        return run(LockedAudioTask(cfg), cfg, resume, stop_after, betas=(0.9, 0.999))
     return run(MuLanTask(cfg), cfg, resume, stop_after, betas=(0.9, 0.999))
 
 

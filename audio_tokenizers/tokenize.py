@@ -20,15 +20,15 @@ from audio_tokenizers.semantic import load_semantic
 from common.errors import AudioError, UserError
 from data.audio import crop_or_pad, load_audio
 from data.manifest import SkipCounter, iter_audio, read_manifest
-from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, describe, text_tokens,
-                           write_cache)
+from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, describe, mulan_audio_hashes,
+                           text_tokens, write_cache)
 
 
 def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, rephrasings: int) -> None:
     """Write mulan_text.npy for an existing cache; every clip of its index must be in the manifests."""
     cache = TokenCache(out)
     made_by = cache.index["tokenizer_hashes"]["mulan"]
-    if checkpoint_hash(mulan_path or "pretrained/mulan") != made_by:
+    if made_by not in mulan_audio_hashes(mulan_path or "pretrained/mulan"):
         raise UserError(f"{out}'s audio tokens were made by another MuLan ({made_by}); pass that one as --mulan")
     by_audio = {}
     for m in manifests:

@@ -131,6 +131,12 @@ PACE_WORDS = [(72, ["slow", "unhurried", "gentle", "laid-back", "stately"]),
               (1000, ["fast", "energetic", "driving", "rapid", "frantic"])]
 MOOD_WORDS = {"major": ["bright", "cheerful", "warm", "happy", "sunny", "uplifting", "carefree", "hopeful"],
               "minor": ["melancholic", "dark", "wistful", "somber", "brooding", "mournful", "moody", "gloomy"]}
+# Where or what the music is for: words that say nothing about the attributes, so a text tower learns to read the
+# instrument and tempo through them (none of them is in the evaluation prompts).
+SCENES = ["for a rainy afternoon", "to study to", "for a long drive", "by the fireside", "for a film scene",
+          "for a quiet evening", "in a small room", "at a festival", "for a summer party", "for reading",
+          "in an empty hall", "for a wedding", "at a village fair", "for a documentary", "like clouds passing",
+          "like a walk in the park", "for a slideshow", "on a porch"]
 TEXTURE_WORDS = {True: ["sparse", "intimate", "unaccompanied", "bare", "single-voiced"],
                  False: ["rich", "layered", "full", "dense", "ensemble"]}
 
@@ -150,8 +156,8 @@ def key_phrase(key: str, rng: np.random.Generator) -> str:
 
 def describe(meta: dict, rng: np.random.Generator) -> str:
     """A caption in wider words than `make_caption`: nicknames, texture and mood words, bpm written several
-    ways, free clause order and partial descriptions (some captions name only the instruments, some only the
-    style and tempo). Used for MuLan training and for text-derived stage conditions; the corpus builder keeps
+    ways, free clause order, partial descriptions (some captions name only the instruments, some only the
+    style and tempo) and scene words that name no attribute. Used for MuLan training and for text-derived stage conditions; the corpus builder keeps
     `make_caption`, so the corpus stays byte-identical."""
     if rng.random() < 0.3:
         return make_caption(meta, rng)
@@ -160,7 +166,8 @@ def describe(meta: dict, rng: np.random.Generator) -> str:
     bpm, mode = meta["tempo"], meta["mode"]
     who = join_words(names) if len(names) > 1 else pick(rng, [names[0], article(names[0]), f"solo {names[0]}"])
     clauses = {
-        "who": pick(rng, [who, f"{who} only" if solo else who, f"featuring {who}", f"{who} on the melody" if solo else f"{who} together"]),
+        "who": pick(rng, [who, f"{who} only" if solo else who, f"featuring {who}", f"{who} on the melody" if solo else f"{who} together",
+                          f"led by {who}", f"{who} in the lead", f"{who} front and center", f"{who} at the front"]),
         "style": pick(rng, [meta["style"], meta.get("genre") or meta["style"], f"{meta['style']} style"]),
         "tempo": pick(rng, [pick(rng, BPM_FORMS).format(bpm=bpm),
                             f"{pick(rng, next(w for lim, w in PACE_WORDS if bpm < lim))} tempo",
@@ -172,6 +179,7 @@ def describe(meta: dict, rng: np.random.Generator) -> str:
     }
     if meta.get("origin"):
         clauses["origin"] = pick(rng, [f"from {meta['origin']}", f"{meta['origin']} folk"])
+    clauses["scene"] = pick(rng, SCENES)
     # always the players or the style, each other clause with some chance
     kept = ["who"] if rng.random() < 0.85 else ["style"]
     kept += [k for k in clauses if k not in kept and rng.random() < (0.7 if k in ("who", "style") else 0.45)]

@@ -45,6 +45,14 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def mulan_audio_hashes(path: str | Path) -> set[str]:
+    """The hashes that identify the audio tokens a MuLan checkpoint makes: its own, and for a MuLan whose text tower
+    was retrained against a locked audio tower (audio_tokenizers/mulan_lit.py) the hash of the MuLan it locked."""
+    cfg_file = Path(path) / "config.json"
+    locked = json.loads(cfg_file.read_text()).get("config", {}).get("locked_audio_hash") if cfg_file.is_file() else None
+    return {checkpoint_hash(path)} | ({locked} if locked else set())
+
+
 class TokenCache:
     """Read side: memory-mapped arrays and the index."""
 

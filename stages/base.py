@@ -62,7 +62,7 @@ class StageConfig(RunConfig):
                                       # re-phrased (text: the cache's mulan_text), or either (mix)
     cond_text_prob: float = 0.5       # mix: the chance a row gets text tokens
     cond_level_dropout: float = 0.0   # the chance a row keeps only its first k MuLan levels (k in 1..Q_m-1)
-    mulan_vectors: str = ""           # semantic and delay kinds: a MuLan checkpoint whose RVQ code vectors, through one learned
+    mulan_vectors: str = ""           # semantic, delay, masked kinds: a MuLan checkpoint whose RVQ code vectors, through one learned
                                       # linear map, embed the MuLan tokens ("" = a learned row per token)
     mulan_vector_dim: int = 0         # filled from mulan_vectors at training time (its embedding size)
     cond_global: bool = False         # frame-aligned kinds: also sum the pooled MuLan condition into every frame

@@ -182,8 +182,8 @@ def mulan_code_vectors(cfg: StageConfig, cache: TokenCache) -> torch.Tensor | No
     the null id), checked to be the MuLan that made the cache's tokens; None when the option is off."""
     if not cfg.mulan_vectors:
         return None
-    if cfg.kind not in ("semantic", "delay") or cfg.role == "fine":
-        raise UserError(f"mulan_vectors is an option of the semantic kind and of delay stages that read MuLan tokens "
+    if cfg.kind not in ("semantic", "delay", "masked") or cfg.role == "fine":
+        raise UserError(f"mulan_vectors is an option of the semantic kind and of delay and masked stages that read MuLan tokens "
                         f"(this config: kind {cfg.kind}, role {cfg.role}); remove it")
     books = mulan_books(cfg.mulan_vectors, cache, "mulan_vectors=")
     if len(books) < cfg.mulan_levels or books.shape[1] != cfg.mulan_codebook:
@@ -197,13 +197,13 @@ def mulan_books(path: str | Path, cache: TokenCache, flag: str) -> torch.Tensor:
     """The RVQ code vectors [levels, codebook, E] of the MuLan checkpoint at `path`, checked to be the MuLan that
     made the cache's tokens (`flag` names the option in the errors)."""
     from common.checkpoint import load_checkpoint
-    from data.tokenize import checkpoint_hash
+    from data.tokenize import mulan_audio_hashes
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{flag}{path}: no MuLan checkpoint there; pass the MuLan that made the cache "
                         "(e.g. pretrained/mulan)")
     made_by = cache.index["tokenizer_hashes"].get("mulan")
-    if made_by and checkpoint_hash(path) != made_by:
+    if made_by and made_by not in mulan_audio_hashes(path):
         raise UserError(f"{flag}{path} is not the MuLan that made {cache.root}'s tokens ({made_by}); pass that one")
     state = load_checkpoint(path, kind="mulan").state_dict
     books, q = [], 0

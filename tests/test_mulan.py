@@ -146,3 +146,30 @@ def test_held_out_evaluation_rephrases_with_unseen_templates(trained, tmp_path):
     assert 0 <= res["tokens"]["agreement"] <= 1 and res["tokens"]["uniform_chance"] == 1 / 8
     assert_clean_error(run_module("evaluation.mulan", "--corpus", str(tmp_path), "--checkpoint", str(d / "run/model")),
                        "test.jsonl", "not found")
+
+
+def test_locked_audio_retrains_only_the_text_tower(trained):
+    """lock_audio (LiT): the audio tower and the RVQ stay bit-identical, so the audio tokens are the locked MuLan's
+    (and caches made by it accept the new one); the text tower moves and learns; a mismatched config is refused."""
+    from common.checkpoint import load_checkpoint
+    from data.tokenize import checkpoint_hash, mulan_audio_hashes
+    d, manifest = trained
+    base = d / "run/model"
+    proc = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
+                      f"train_manifest={manifest}", f"valid_manifest={manifest}", f"out={d / 'lit'}", "steps=25",
+                      "batch_size=16", "lr=0.003")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old, new = load_checkpoint(base, kind="mulan").state_dict, load_checkpoint(d / "lit/model", kind="mulan").state_dict
+    assert old.keys() == new.keys()
+    locked = [k for k in old if not k.startswith("text.") and k != "logit_scale"]
+    assert any(k.startswith("audio.") for k in locked) and any(k.startswith("rvq.") for k in locked)
+    assert all(torch.equal(old[k].float(), new[k].float()) for k in locked)
+    assert not torch.equal(old["text.proj.weight"].float(), new["text.proj.weight"].float())
+    assert mulan_audio_hashes(d / "lit/model") == {checkpoint_hash(d / "lit/model"), checkpoint_hash(base)}
+    log = [json.loads(l) for l in (d / "lit/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    bad = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
+                     "text_dim=64", f"train_manifest={manifest}", f"out={d / 'lit_bad'}", "steps=2")
+    assert_clean_error(bad, "text_dim")
+    assert not (d / "lit_bad/model").exists()

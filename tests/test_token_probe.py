@@ -49,3 +49,22 @@ def test_probe_errors_name_the_fix(tmp_path):
     other = fake_mulan(tmp_path / "other", seed=1)
     assert_clean_error(run_module("evaluation.token_probe", "--cache", str(cache), "--labels",
                                   str(tmp_path / "all.jsonl"), "--mulan", str(other)), "not the MuLan that made")
+
+
+def test_probe_scores_prompt_tokens_by_the_attribute_they_state(tmp_path):
+    """--prompts: the probe fitted on clips' audio tokens reads prompts' text tokens; prompts that do not state the
+    attribute are left out, and tokens that point at the wrong instrument score as misses."""
+    from common.checkpoint import load_checkpoint
+    from evaluation.token_probe import probe
+    state = load_checkpoint(fake_mulan(tmp_path / "m"), kind="mulan").state_dict
+    books = np.stack([state[f"rvq.levels.{q}.codebook"].numpy() for q in range(LEVELS)])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CODES, (90, LEVELS))
+    names = ["harp", "oboe", "tuba"]
+    labels = [names[t % 3] for t in tokens[:, 0]]
+    prompts = np.array([[0, 1, 2], [4, 0, 0], [2, 5, 5], [3, 3, 3]])       # level 0 -> harp, oboe, tuba, harp
+    said = ["harp", "oboe", "harp", None]                                   # the third is a miss, the fourth silent
+    out = probe(tokens, None, books, labels, np.arange(80), np.arange(80, 90), [1], prompts, said)
+    assert out["prompts"] == 3
+    assert out["levels_1"]["audio"] >= 0.9 and abs(out["levels_1"]["prompts"] - 2 / 3) < 1e-3
+    assert "prompts" not in probe(tokens, None, books, labels, np.arange(80), np.arange(80, 90), [1])["levels_1"]
