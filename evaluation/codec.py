@@ -35,17 +35,31 @@ def mfcc_features(wav: np.ndarray, sr: int) -> np.ndarray:
     return np.concatenate([m.mean(1), m.std(1), d.mean(1), d.std(1)])
 
 
-def instrument_classifier(rows: list[dict], sr: int, seconds: float, label: str = "instrument_label"):
-    """Fit MFCC-stats + logistic regression on original clips; returns (classifier, classes)."""
+def instrument_classifier(rows: list[dict], sr: int, seconds: float, label: str = "instrument_label",
+                          features: Path | None = None):
+    """Fit MFCC-stats + logistic regression on original clips; returns the classifier. `features`: an .npz that
+    keeps the clips' features between runs (reused only for the same clips, crop length and sample rate)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    X, y = [], []
-    for row, wav in iter_audio(rows, sr, SkipCounter()):
-        X.append(mfcc_features(crop_or_pad(wav, int(seconds * sr)), sr))
-        y.append(row[label])
+    import hashlib
+    key = hashlib.sha256(json.dumps([[r["audio"] for r in rows], seconds, sr, label]).encode()).hexdigest()[:16]
+    if features is not None and features.is_file() and str(np.load(features)["key"]) == key:
+        saved = np.load(features, allow_pickle=False)
+        X, y = saved["X"], saved["y"]
+    else:
+        X, y = [], []
+        for row, wav in iter_audio(rows, sr, SkipCounter()):
+            X.append(mfcc_features(crop_or_pad(wav, int(seconds * sr)), sr))
+            y.append(row[label])
+        X, y = np.array(X), np.array(y)
+        if features is not None:
+            features.parent.mkdir(parents=True, exist_ok=True)
+            tmp = features.with_name(features.name + ".tmp.npz")
+            np.savez(tmp, X=X, y=y, key=key)
+            tmp.replace(features)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
-    clf.fit(np.array(X), np.array(y))
+    clf.fit(X, y)
     return clf
 
 

@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--train-manifest", type=Path, default=None,
                     help="originals to fit the instrument classifier on (default: train.jsonl beside the first manifest)")
     ap.add_argument("--train-clips", type=int, default=1500)
+    ap.add_argument("--classifier-features", type=Path, default=None, metavar="FILE.npz",
+                    help="keep the classifier's training features here and reuse them in later runs (same clips)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=8)
@@ -157,7 +159,8 @@ def main() -> None:
     clips = pick_clips(args.manifest, args.per_label, args.limit)
     labels = len({r["instrument_label"] for r in clips})
     print(f"{len(clips)} clips, {labels} instrument labels; fitting the classifier on {train}", flush=True)
-    classifier = instrument_classifier(read_manifest(train)[: args.train_clips], pipe.sample_rate, args.seconds)
+    classifier = instrument_classifier(read_manifest(train)[: args.train_clips], pipe.sample_rate, args.seconds,
+                                       features=args.classifier_features)
     results = run_oracle(pipe, clips, args.seconds, args.rows, classifier,
                          options, args.batch)
     args.out.mkdir(parents=True, exist_ok=True)

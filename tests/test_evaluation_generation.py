@@ -163,3 +163,19 @@ def test_oracle_scores_every_row_on_labelled_clips(parts, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "k/oracle.json").read_text())["knobs"] == ["coarse.temperature=0.5", "coarse.top_k=3"]
     assert_clean_error(run_module("evaluation.oracle", "--manifest", str(parts / "test.jsonl"), "--out",
                                   str(tmp_path / "y"), "--knob", "coarse.warmth=2"), "--knob")
+
+
+def test_classifier_features_are_kept_and_reused_only_for_the_same_clips(parts, tmp_path, monkeypatch):
+    """--classifier-features: the second fit reads no audio and predicts the same; other clips recompute."""
+    import evaluation.codec as codec
+    from data.manifest import read_manifest
+    rows = read_manifest(parts / "train.jsonl")
+    feats = tmp_path / "f.npz"
+    first = codec.instrument_classifier(rows, 24000, 1.0, features=feats)
+    assert feats.is_file()
+    monkeypatch.setattr(codec, "iter_audio", lambda *a: (_ for _ in ()).throw(AssertionError("read audio again")))
+    again = codec.instrument_classifier(rows, 24000, 1.0, features=feats)
+    X = np.load(feats)["X"]
+    assert (first.predict(X) == again.predict(X)).all()
+    with pytest.raises(AssertionError, match="read audio again"):
+        codec.instrument_classifier(rows[:-1], 24000, 1.0, features=feats)
