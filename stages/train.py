@@ -221,10 +221,11 @@ def check_init(cfg: StageConfig):
     path = Path(cfg.init)
     if not (path / "config.json").is_file():
         raise UserError(f"init={path}: no checkpoint there; pass a stage's model folder (e.g. runs/delay_coarse/model)")
+    from stages.base import stage_role
     ck = load_checkpoint(path)
-    kind, role = ck.config.get("kind"), ck.config.get("role")
-    if kind != cfg.kind or role != cfg.role:
-        raise UserError(f"init={path} is a {kind} {role} stage, this config trains a {cfg.kind} {cfg.role} one; "
+    kind, role, mine = ck.config.get("kind"), ck.config.get("role"), stage_role(cfg)   # role "" = the kind's only one
+    if kind != cfg.kind or role != mine:
+        raise UserError(f"init={path} is a {kind} {role} stage, this config trains a {cfg.kind} {mine} one; "
                         "start from a checkpoint of the same kind and role")
     return ck
 

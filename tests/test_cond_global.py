@@ -75,3 +75,16 @@ def test_cond_global_and_init_errors_name_the_fix(tmp_path):
     for out in "fabc":
         assert not (tmp_path / out).exists()
     assert load_checkpoint(coarse).config["kind"] == "delay"
+
+
+def test_init_takes_a_semantic_stage_whose_config_leaves_the_role_implied(tmp_path):
+    """configs/semantic.yaml says role: '' (the kind's only role); its checkpoint records 'semantic'."""
+    make_cache(tmp_path / "cache")
+    over = [f"cache={tmp_path / 'cache'}", "steps=4", "eval_every=4", "ckpt_every=4"]
+    sem = lambda out, *extra: load_config(StageConfig, ROOT / "configs/debug/semantic.yaml",  # noqa: E731
+                                          over + [f"out={tmp_path / out}", *extra])
+    first = train(sem("a"))
+    assert load_checkpoint(first).config["role"] == "semantic" and sem("b").role == ""
+    assert check_init(sem("b", f"init={first}")) is not None
+    warm = load_stage(train(sem("b", f"init={first}")), "semantic")
+    assert warm.cfg.init == str(first)
