@@ -29,6 +29,7 @@ from common.checkpoint import hf_model_type, load_checkpoint, load_weights
 from common.config import config_from_dict, register_config
 from common.errors import CheckpointError, UserError
 from common.training import RunConfig, check_fields
+from data.manifest import SkipCounter, iter_audio
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "mulan"
 
@@ -194,6 +195,30 @@ class MuLan(nn.Module):
     def tokens(self, embedding: torch.Tensor) -> torch.Tensor:
         """[B, D] -> [B, Q_m] conditioning tokens."""
         return self.rvq.encode(embedding[:, :, None])[:, :, 0]
+
+
+@torch.no_grad()
+def retrieval(model: MuLan, rows: list[dict], texts: list[str] | None = None) -> dict[str, float]:
+    """Text-to-audio retrieval among the given clips: recall@1, recall@10 (chance = 1/n, 10/n)."""
+    was = model.training
+    model.eval()
+    audio, kept = [], []
+    for row, wav in iter_audio(rows, model.sample_rate, SkipCounter()):
+        audio.append(model.embed_audio(torch.from_numpy(wav)[None, None]))
+        kept.append(row)
+    a = torch.cat(audio)
+    t = torch.cat([model.embed_text((texts or [r["caption"] for r in kept])[i:i + 64])
+                   for i in range(0, len(kept), 64)])
+    model.train(was)
+    return {"n": len(kept), **recall(t, a)}
+
+
+def recall(t: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
+    """Text and audio embeddings [n, D], matched by row -> recall@1 and @10 of text-to-audio retrieval."""
+    rank = (t @ a.t()).argsort(1, descending=True)
+    hit = rank == torch.arange(len(a))[:, None]
+    return {"recall@1": float(hit[:, :1].any(1).float().mean()), "recall@10": float(hit[:, :10].any(1).float().mean())}
+
 
 
 class ClapConditioner(nn.Module):

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from audio_tokenizers.mulan import MuLan, MuLanConfig
-from audio_tokenizers.mulan_train import retrieval
+from audio_tokenizers.mulan import MuLan, MuLanConfig, retrieval
 from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.config import config_from_dict, config_to_dict
 from common.errors import UserError

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from audio_tokenizers.mulan import MuLan, MuLanConfig
+from audio_tokenizers.mulan import MuLan, MuLanConfig, retrieval
 from common.checkpoint import save_checkpoint
 from common.config import config_to_dict
 from common.errors import UserError
@@ -45,29 +45,6 @@ def fresh_caption(row: dict, rng: np.random.Generator) -> str:
     if all(k in row for k in ("style", "players", "tempo", "key", "mode", "meter")):
         return cap.make_caption(row, rng)
     return row["caption"]
-
-
-@torch.no_grad()
-def retrieval(model: MuLan, rows: list[dict], texts: list[str] | None = None) -> dict[str, float]:
-    """Text-to-audio retrieval among the given clips: recall@1, recall@10 (chance = 1/n, 10/n)."""
-    was = model.training
-    model.eval()
-    audio, kept = [], []
-    for row, wav in iter_audio(rows, model.sample_rate, SkipCounter()):
-        audio.append(model.embed_audio(torch.from_numpy(wav)[None, None]))
-        kept.append(row)
-    a = torch.cat(audio)
-    t = torch.cat([model.embed_text((texts or [r["caption"] for r in kept])[i:i + 64])
-                   for i in range(0, len(kept), 64)])
-    model.train(was)
-    return {"n": len(kept), **recall(t, a)}
-
-
-def recall(t: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
-    """Text and audio embeddings [n, D], matched by row -> recall@1 and @10 of text-to-audio retrieval."""
-    rank = (t @ a.t()).argsort(1, descending=True)
-    hit = rank == torch.arange(len(a))[:, None]
-    return {"recall@1": float(hit[:, :1].any(1).float().mean()), "recall@10": float(hit[:, :10].any(1).float().mean())}
 
 
 class MuLanLoss(torch.nn.Module):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from evaluation import use_threads
-from audio_tokenizers.mulan_train import recall
+from audio_tokenizers.mulan import recall
 from common.errors import UserError, run_cli
 from data.manifest import SkipCounter, iter_audio, read_manifest
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from audio_tokenizers.mulan import ClapConditioner, MuLan, MuLanConfig, load_conditioner
-from audio_tokenizers.mulan_train import retrieval, train_sentencepiece
+from audio_tokenizers.mulan import retrieval
+from audio_tokenizers.mulan_train import train_sentencepiece
 from common.config import load_config
 from common.errors import UserError
 from data.corpus import build_corpus
