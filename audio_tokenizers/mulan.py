@@ -29,7 +29,7 @@ from common.checkpoint import hf_model_type, load_checkpoint, load_weights
 from common.config import config_from_dict, register_config
 from common.errors import CheckpointError, UserError
 from common.training import RunConfig, check_fields
-from data.manifest import SkipCounter, iter_audio
+from data.manifest import SkipCounter, iter_audio, read_manifest
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "mulan"
 
@@ -197,6 +197,14 @@ class MuLan(nn.Module):
         return self.rvq.encode(embedding[:, :, None])[:, :, 0]
 
 
+def captioned_rows(manifest: str | Path) -> list[dict]:
+    """The rows of a training manifest that have a caption (MuLan learns from (clip, caption) pairs)."""
+    rows = [r for r in read_manifest(manifest) if r.get("caption", "").strip()]
+    if not rows:
+        raise UserError(f"{manifest} has no captioned clips; MuLan needs (clip, caption) pairs")
+    return rows
+
+
 @torch.no_grad()
 def retrieval(model: MuLan, rows: list[dict], texts: list[str] | None = None) -> dict[str, float]:
     """Text-to-audio retrieval among the given clips: recall@1, recall@10 (chance = 1/n, 10/n)."""
@@ -218,7 +226,6 @@ def recall(t: torch.Tensor, a: torch.Tensor) -> dict[str, float]:
     rank = (t @ a.t()).argsort(1, descending=True)
     hit = rank == torch.arange(len(a))[:, None]
     return {"recall@1": float(hit[:, :1].any(1).float().mean()), "recall@10": float(hit[:, :10].any(1).float().mean())}
-
 
 
 class ClapConditioner(nn.Module):

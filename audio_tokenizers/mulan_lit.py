@@ -9,7 +9,7 @@ clip. With the audio side fixed, its embeddings are computed once (a bank of cro
 beside the run), and a step is a text forward and backward only: a large batch costs little.
 
 The checkpoint records `locked_audio_hash`, the hash of the MuLan whose audio tokens it makes
-(data.tokenize.mulan_audio_hashes), so caches and stages made with that MuLan accept this one.
+(data.tokenize.mulan_audio_hashes reads it), so caches and stages made with that MuLan accept this one.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from audio_tokenizers.mulan import MuLan, MuLanConfig, retrieval
+from audio_tokenizers.mulan import MuLan, MuLanConfig, captioned_rows, retrieval
 from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.config import config_from_dict, config_to_dict
 from common.errors import UserError
@@ -37,14 +37,14 @@ SHAPE_FIELDS = ("sample_rate", "embed_dim", "n_mels", "audio_dim", "audio_layers
 
 def lit_caption(row: dict, rng: np.random.Generator) -> str:
     """A caption in the wider words of data.captions.describe (corpus clips), else the clip's caption."""
-    if all(k in row for k in ("style", "players", "tempo", "key", "mode", "meter")):
+    if cap.has_metadata(row):
         return cap.describe(row, rng)
     return row["caption"]
 
 
 def load_locked(cfg: MuLanConfig) -> tuple[MuLan, str]:
     """The MuLan named by lock_audio, checked to have this config's shapes -> (model, its audio-token hash)."""
-    from data.tokenize import checkpoint_hash, mulan_audio_hashes
+    from data.tokenize import checkpoint_hash
     path = Path(cfg.lock_audio)
     if not (path / "config.json").is_file():
         raise UserError(f"lock_audio={path}: no MuLan checkpoint there; pass a trained one (e.g. pretrained/mulan)")
@@ -52,13 +52,12 @@ def load_locked(cfg: MuLanConfig) -> tuple[MuLan, str]:
     theirs = config_from_dict(MuLanConfig, ck.config, str(path))
     differ = [f for f in SHAPE_FIELDS if getattr(theirs, f) != getattr(cfg, f)]
     if differ:
-        raise UserError(f"lock_audio={path} has other {', '.join(differ)} than this config; use its config "
-                        f"(e.g. --config {path}/config.json is not YAML: copy those fields) or drop lock_audio")
+        raise UserError(f"lock_audio={path} has other {', '.join(differ)} than this config; set them as in "
+                        f"{path}/config.json or drop lock_audio")
     proto = bytes(ck.state_dict["spm_proto"].numpy().tobytes())
     model = MuLan(cfg, None if cfg.text_pretrained_path else proto)
     load_weights(model, ck.state_dict, path)
-    locked = mulan_audio_hashes(path) - {checkpoint_hash(path)}   # locking a locked MuLan: the original
-    return model, locked.pop() if locked else checkpoint_hash(path)
+    return model, theirs.locked_audio_hash or checkpoint_hash(path)   # locking a locked MuLan: the original
 
 
 @torch.no_grad()
@@ -85,15 +84,14 @@ class LockedAudioTask:
     def __init__(self, cfg: MuLanConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.rows = [r for r in read_manifest(cfg.train_manifest) if r.get("caption", "").strip()]
-        if not self.rows:
-            raise UserError(f"{cfg.train_manifest} has no captioned clips; MuLan needs (clip, caption) pairs")
+        self.rows = captioned_rows(cfg.train_manifest)
         self.model, cfg.locked_audio_hash = load_locked(cfg)
         for name, p in self.model.named_parameters():
             p.requires_grad_(name.startswith("text.") or name == "logit_scale")
         bank_file = Path(cfg.out) / "audio_bank.pt"
-        if bank_file.is_file() and torch.load(bank_file)["hash"] == cfg.locked_audio_hash:
-            self.bank = torch.load(bank_file)["bank"]
+        saved = torch.load(bank_file) if bank_file.is_file() else {}
+        if saved.get("hash") == cfg.locked_audio_hash:
+            self.bank = saved["bank"]
         else:
             self.bank = audio_bank(self.model, self.rows, cfg.rvq_crops_per_clip, cfg.seed)
             bank_file.parent.mkdir(parents=True, exist_ok=True)

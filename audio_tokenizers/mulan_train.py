@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from audio_tokenizers.mulan import MuLan, MuLanConfig, retrieval
+from audio_tokenizers.mulan import MuLan, MuLanConfig, captioned_rows, retrieval
 from common.checkpoint import save_checkpoint
 from common.config import config_to_dict
 from common.errors import UserError
@@ -42,7 +42,7 @@ def train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
 
 def fresh_caption(row: dict, rng: np.random.Generator) -> str:
     """A new phrasing of the clip's caption from its metadata (corpus clips), else its caption."""
-    if all(k in row for k in ("style", "players", "tempo", "key", "mode", "meter")):
+    if cap.has_metadata(row):
         return cap.make_caption(row, rng)
     return row["caption"]
 
@@ -76,9 +76,7 @@ class MuLanTask:
     def __init__(self, cfg: MuLanConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.rows = [r for r in read_manifest(cfg.train_manifest) if r.get("caption", "").strip()]
-        if not self.rows:
-            raise UserError(f"{cfg.train_manifest} has no captioned clips; MuLan needs (clip, caption) pairs")
+        self.rows = captioned_rows(cfg.train_manifest)
         rng = np.random.default_rng(cfg.seed)
         proto = None
         if not cfg.text_pretrained_path:

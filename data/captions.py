@@ -43,6 +43,14 @@ OPENERS = ["", "This is ", "Here is ", "A recording of ", "Audio of "]
 NOUNS = ["piece", "tune", "track", "recording", "song", "performance"]
 
 
+META_FIELDS = ("style", "players", "tempo", "key", "mode", "meter")
+
+
+def has_metadata(row: dict) -> bool:
+    """Does a manifest row carry what the caption functions need (corpus clips do)?"""
+    return all(k in row for k in META_FIELDS)
+
+
 def pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 

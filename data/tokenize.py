@@ -97,10 +97,10 @@ class TokenCache:
 def text_tokens(mulan, rows: list[dict], rephrasings: int) -> np.ndarray:
     """MuLan tokens of each row's caption and of `rephrasings - 1` re-phrasings from its metadata
     -> [N, R, Q_m] int16. Re-phrasing r of clip i is drawn from default_rng([i, r]), so it is reproducible."""
-    from data.captions import describe
+    from data.captions import describe, has_metadata
     texts = []
     for i, row in enumerate(rows):
-        has_meta = all(k in row for k in ("style", "players", "tempo", "key", "mode", "meter"))
+        has_meta = has_metadata(row)
         texts += [row.get("caption", "")] + [describe(row, np.random.default_rng([i, r])) if has_meta
                                              else row.get("caption", "") for r in range(1, rephrasings)]
     tokens = [mulan.tokens(mulan.embed_text(texts[i:i + 256])) for i in range(0, len(texts), 256)]

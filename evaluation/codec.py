@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import Counter
@@ -42,10 +43,9 @@ def instrument_classifier(rows: list[dict], sr: int, seconds: float, label: str 
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    import hashlib
     key = hashlib.sha256(json.dumps([[r["audio"] for r in rows], seconds, sr, label]).encode()).hexdigest()[:16]
-    if features is not None and features.is_file() and str(np.load(features)["key"]) == key:
-        saved = np.load(features, allow_pickle=False)
+    saved = dict(np.load(features, allow_pickle=False)) if features is not None and features.is_file() else {}
+    if str(saved.get("key")) == key:
         X, y = saved["X"], saved["y"]
     else:
         X, y = [], []

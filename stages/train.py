@@ -183,8 +183,8 @@ def mulan_code_vectors(cfg: StageConfig, cache: TokenCache) -> torch.Tensor | No
     if not cfg.mulan_vectors:
         return None
     if cfg.kind not in ("semantic", "delay", "masked") or cfg.role == "fine":
-        raise UserError(f"mulan_vectors is an option of the semantic kind and of delay and masked stages that read MuLan tokens "
-                        f"(this config: kind {cfg.kind}, role {cfg.role}); remove it")
+        raise UserError(f"mulan_vectors is an option of the semantic kind and of delay and masked stages that read "
+                        f"MuLan tokens (this config: kind {cfg.kind}, role {cfg.role}); remove it")
     books = mulan_books(cfg.mulan_vectors, cache, "mulan_vectors=")
     if len(books) < cfg.mulan_levels or books.shape[1] != cfg.mulan_codebook:
         raise UserError(f"mulan_vectors={cfg.mulan_vectors}: its RVQ does not have {cfg.mulan_levels} levels of "
