@@ -25,6 +25,7 @@ import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
+from data.attributes import from_texts as attributes_from_texts
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
@@ -171,10 +172,12 @@ class Pipeline:
         g = torch.Generator().manual_seed(o.seed)
         t0 = time.perf_counter()
         if story:   # one song whose condition changes over time
-            conds = [(start, self.mulan.tokens(self.mulan.embed_text([text]))) for text, start in story]
+            conds = [(start, self.mulan.tokens(self.mulan.embed_text([text])), attributes_from_texts([text]))
+                     for text, start in story]
         else:
-            conds = [(0.0, self.mulan.tokens(self.mulan.embed_text(list(texts))))]
-        cond_at = lambda sec: [c for start, c in conds if start <= sec + 1e-9][-1]  # noqa: E731
+            conds = [(0.0, self.mulan.tokens(self.mulan.embed_text(list(texts))), attributes_from_texts(list(texts)))]
+        cond_at = lambda sec: [c for start, c, _ in conds if start <= sec + 1e-9][-1]  # noqa: E731
+        attr_at = lambda sec: [a for start, _, a in conds if start <= sec + 1e-9][-1]  # noqa: E731  tempo, key ids
         sem_rate = self.parts["semantic_tokenizer"].frame_rate
         n_sem = max(1, math.ceil(duration * sem_rate - 1e-9))
         sem_prompt = ac_prompt = None
@@ -196,12 +199,12 @@ class Pipeline:
             sem = semantic_ids[:, :n_sem]
         elif self.parts["coarse"].cfg.semantic_input:
             tune = self._melody(melody, len(conds[0][1]), (0 if sem_prompt is None else sem_prompt.shape[1]), n_sem)
-            sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate, tune)
+            sem = self._semantic(cond_at, n_sem, s["semantic"], sem_prompt, g, sem_rate, tune, attr_at)
         else:   # an acoustic stage that reads no semantic ids (MusicGen): the semantic stage is skipped
             sem = None
         self.timings["semantic"], t = time.perf_counter() - t, time.perf_counter()
         n_sem = sem.shape[1] if sem is not None else n_sem + (0 if ac_prompt is None else ac_prompt.shape[-1] // self.ratio)
-        coarse = self._coarse(cond_at, sem, n_sem, s["coarse"], ac_prompt, g, sem_rate)
+        coarse = self._coarse(cond_at, sem, n_sem, s["coarse"], ac_prompt, g, sem_rate, attr_at)
         self.timings["coarse"], t = time.perf_counter() - t, time.perf_counter()
         fine = self._fine(coarse, s["fine"], ac_prompt, g) if self.parts["fine"] is not None else coarse[:, :0]
         self.timings["fine"], t = time.perf_counter() - t, time.perf_counter()
@@ -215,16 +218,19 @@ class Pipeline:
 
     @torch.no_grad()
     def render(self, condition: torch.Tensor, semantic_ids: torch.Tensor | None = None, coarse: torch.Tensor | None = None,
-               options: GenerationOptions | None = None, fine: bool = True) -> torch.Tensor:
+               options: GenerationOptions | None = None, fine: bool = True,
+               attributes: torch.Tensor | None = None) -> torch.Tensor:
         """The acoustic stages alone, from given tokens (the stage-wise oracle's rows): MuLan tokens
-        [B, Q_m] + semantic ids [B, T_s] -> codec codes [B, Q, T_s * ratio]; with `coarse` codes
-        [B, Q_c, T] only the fine stage runs; with fine=False only the coarse one. Decode with `self.codec.decode`."""
+        [B, Q_m] + semantic ids [B, T_s] (+ tempo and key ids [B, 2], data/attributes.py) -> codec codes
+        [B, Q, T_s * ratio]; with `coarse` codes [B, Q_c, T] only the fine stage runs; with fine=False only the
+        coarse one. Decode with `self.codec.decode`."""
         o = options or GenerationOptions()
         s, g = self._sampling(o), torch.Generator().manual_seed(o.seed)
         torch.manual_seed(o.seed)
         if coarse is None:
             rate = self.parts["semantic_tokenizer"].frame_rate
-            coarse = self._coarse(lambda sec: condition, semantic_ids, semantic_ids.shape[1], s["coarse"], None, g, rate)
+            coarse = self._coarse(lambda sec: condition, semantic_ids, semantic_ids.shape[1], s["coarse"], None, g, rate,
+                                  None if attributes is None else (lambda sec: attributes))
         if not fine or self.parts["fine"] is None:
             return coarse
         return torch.cat([coarse, self._fine(coarse, s["fine"], None, g)], 1)
@@ -257,7 +263,14 @@ class Pipeline:
         tune[:, prompt: prompt + ids.shape[1]] = ids
         return tune.expand(B, -1) if len(tune) == 1 else tune
 
-    def _semantic(self, cond_at, n, s, prompt, g, rate, melody=None):
+    @staticmethod
+    def _attributes(stage, attr_at, sec: float, B: int) -> dict:
+        """The stage's attribute argument at `sec` (only a stage trained with attribute_input takes one)."""
+        if attr_at is None or not stage.cfg.attribute_input:
+            return {}
+        return {"attributes": attr_at(sec).expand(B, -1)}
+
+    def _semantic(self, cond_at, n, s, prompt, g, rate, melody=None, attr_at=None):
         stage = self.parts["semantic"]
         W, C = self._windows(stage)
         out = prompt if prompt is not None else torch.zeros(len(cond_at(0.0)), 0, dtype=torch.long)
@@ -268,11 +281,12 @@ class Pipeline:
                 new = min(W - ctx.shape[1], total - out.shape[1])
                 m = cond_at(out.shape[1] / rate).expand(len(out), -1)[:, : stage.cfg.mulan_levels]
                 tune = {} if melody is None else {"melody": melody[:, out.shape[1] - ctx.shape[1]: out.shape[1] + new]}
+                tune.update(self._attributes(stage, attr_at, out.shape[1] / rate, len(out)))
                 out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g, **tune)], 1)
                 bar.update(new / rate)
         return out
 
-    def _coarse(self, cond_at, sem, n, s, prompt, g, rate):
+    def _coarse(self, cond_at, sem, n, s, prompt, g, rate, attr_at=None):
         """Codes over n semantic frames (the coarse levels, or every level for an acoustic-role stage), in
         sliding windows that keep the codes of the last C semantic frames as the next window's prompt."""
         stage, r = self.parts["coarse"], self.ratio
@@ -287,7 +301,8 @@ class Pipeline:
                 end = min(a + W, n)
                 m = cond_at(pos / rate).expand(B, -1)[:, : stage.cfg.mulan_levels]
                 new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
-                                     prompt=out[..., a * r: pos * r], generator=g)
+                                     prompt=out[..., a * r: pos * r], generator=g,
+                                     **self._attributes(stage, attr_at, pos / rate, B))
                 bar.update((end - pos) / rate)
                 out, pos = torch.cat([out, new], -1), end
         return out

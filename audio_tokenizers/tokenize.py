@@ -30,15 +30,33 @@ def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, re
     made_by = cache.index["tokenizer_hashes"]["mulan"]
     if made_by not in mulan_audio_hashes(mulan_path or "pretrained/mulan"):
         raise UserError(f"{out}'s audio tokens were made by another MuLan ({made_by}); pass that one as --mulan")
+    rows = rows_of_cache(manifests, out, cache)
+    write_cache(out, {"mulan_text": text_tokens(load_conditioner(mulan_path), rows, rephrasings)})
+    print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
+
+
+def attributes_array(rows: list[dict]) -> np.ndarray:
+    """Each row's tempo (bpm) and key index from its metadata -> [N, 2] int16 (0 / -1 where it has none)."""
+    from data.attributes import raw_from_metadata
+    return raw_from_metadata(rows).round().numpy().astype(np.int16)
+
+
+def rows_of_cache(manifests: list[Path], out: Path, cache: TokenCache) -> list[dict]:
+    """The manifest row of every clip in the cache's index, in its order (all must be there)."""
     by_audio = {}
     for m in manifests:
         by_audio.update({r["audio"]: r for r in read_manifest(m)})
     missing = [c["audio"] for c in cache.index["clips"] if c["audio"] not in by_audio]
     if missing:
         raise UserError(f"{len(missing)} clips of {out} are in none of the manifests (e.g. {missing[0]}); pass all of them")
-    rows = [by_audio[c["audio"]] for c in cache.index["clips"]]
-    write_cache(out, {"mulan_text": text_tokens(load_conditioner(mulan_path), rows, rephrasings)})
-    print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
+    return [by_audio[c["audio"]] for c in cache.index["clips"]]
+
+
+def add_attributes(manifests: list[Path], out: Path) -> None:
+    """Write attributes.npy for an existing cache from its clips' metadata."""
+    rows = rows_of_cache(manifests, out, TokenCache(out))
+    write_cache(out, {"attributes": attributes_array(rows)})
+    print(f"wrote the tempo and key of {len(rows)} clips to {out / 'attributes.npy'}")
 
 
 def melody_array(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames: int) -> np.ndarray:
@@ -79,7 +97,8 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
         if old["tokenizer_hashes"] != hashes:
             raise UserError(f"{out} was made by other tokenizers ({old['tokenizer_hashes']} vs {hashes}); "
                             "use a new --out folder")
-        for name, flag in (("mulan_text", "--text-only"), ("melody", "--melody-only")):
+        for name, flag in (("mulan_text", "--text-only"), ("melody", "--melody-only"),
+                           ("attributes", "--attributes-only")):
             if name not in existing.arrays:
                 raise UserError(f"{out} has no {name}.npy yet; add it first with {flag}, then append")
     n = int(seconds * acoustic.sample_rate)
@@ -109,8 +128,9 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
     if not clips:
         raise UserError(f"no readable audio in {', '.join(map(str, manifests))}; {skips.summary()}")
     arrays["mulan_text"] = text_tokens(mulan, metas, rephrasings)
+    arrays["attributes"] = list(attributes_array(metas))
     stacked = {}
-    for k in (*ARRAYS, "mulan_text", "melody"):
+    for k in (*ARRAYS, "mulan_text", "melody", "attributes"):
         stacked[k] = np.stack(arrays[k])
         if old is not None:
             stacked[k] = np.concatenate([np.load(out / f"{k}.npy"), stacked[k]])
@@ -131,6 +151,8 @@ def main() -> None:
     ap.add_argument("--rephrasings", type=int, default=REPHRASINGS, help="captions per clip in mulan_text.npy")
     ap.add_argument("--text-only", action="store_true", help="only add text tokens to the existing cache --out")
     ap.add_argument("--melody-only", action="store_true", help="only add melody ids to the existing cache --out")
+    ap.add_argument("--attributes-only", action="store_true",
+                    help="only add each clip's tempo and key (from the --manifest metadata) to the existing cache --out")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,6 +165,11 @@ def main() -> None:
         return
     if args.melody_only:
         add_melody(args.out)
+        return
+    if args.attributes_only:
+        if not args.manifest:
+            raise UserError("--attributes-only needs the --manifest files of the cache's clips (their metadata)")
+        add_attributes(args.manifest, args.out)
         return
     if not args.manifest:
         raise UserError("give at least one --manifest (a JSONL of clips) to tokenize")

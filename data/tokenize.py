@@ -16,7 +16,9 @@ same tokenizers: a cache never mixes tokens from different ones.
     python -m data.tokenize --text-only --manifest ... --out cache/corpus [--mulan PATH] [--rephrasings 8]
 
 adds (or replaces) `mulan_text.npy` of an existing cache, with the MuLan that made its audio tokens;
-`--melody-only` likewise adds `melody.npy` (from the clips' audio).
+`--melody-only` likewise adds `melody.npy` (from the clips' audio), and `--attributes-only` (with the manifests)
+`attributes.npy` [N, 2]: each clip's tempo in bpm and key index from its metadata (data/attributes.py; 0 and
+-1 where a row has none).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 from common.errors import UserError, run_cli
 
 ARRAYS = ("acoustic", "semantic", "mulan")
-OPTIONAL = ("mulan_text", "melody")   # caches made before these existed lack them
+OPTIONAL = ("mulan_text", "melody", "attributes")   # caches made before these existed lack them
 BATCH = 8
 REPHRASINGS = 8
 
@@ -90,6 +92,8 @@ class TokenCache:
         if "melody" in self.arrays:
             out["melody"] = torch.from_numpy(np.stack([self.arrays["melody"][r, s: s + semantic_frames]
                                                        for r, s in zip(rows, start_s)]).astype(np.int64))
+        if "attributes" in self.arrays:
+            out["attributes"] = torch.from_numpy(self.arrays["attributes"][rows].astype(np.int64))
         return out
 
 

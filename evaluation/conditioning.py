@@ -32,6 +32,7 @@ from evaluation import use_threads
 from common.errors import UserError, run_cli
 
 CONDITIONS = ("audio", "other", "null", "text", "text_new")
+ATTRIBUTE_CONDITIONS = ("text+stated", "text+true", "audio+true", "none+true")   # attribute_input stages
 
 
 @torch.no_grad()
@@ -42,6 +43,8 @@ def signal(stage, cache, rows: np.ndarray, seconds: float, batch: int = 16) -> d
     frames = max(1, int(round(seconds * cfg.semantic_rate)))
     ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
     names = [c for c in CONDITIONS if not c.startswith("text") or "mulan_text" in cache.arrays]
+    if cfg.attribute_input and "attributes" in cache.arrays:
+        names += [c for c in ATTRIBUTE_CONDITIONS if not c.startswith("text") or "mulan_text" in cache.arrays]
     sums = {c: [0.0, 0] for c in names}
     for i in range(0, len(rows), batch):
         part = rows[i:i + batch]
@@ -49,14 +52,30 @@ def signal(stage, cache, rows: np.ndarray, seconds: float, batch: int = 16) -> d
             continue
         b = cache.window(part, np.zeros(len(part), dtype=int), frames, ratio)
         b.pop("melody", None)   # a text prompt: a melody_input stage is scored as it runs without --melody
+        captions = [cache.index["clips"][r]["caption"] for r in part]
         for name in names:
-            out = stage.loss(*with_condition(b, name, cfg))
+            out = stage.loss(*with_attributes(*with_condition(b, name.split("+")[0], cfg), name, captions, cfg))
             sums[name][0] += sum(float(v[0]) for v in out["per_level"].values())
             sums[name][1] += sum(v[2] for v in out["per_level"].values())
     loss = {c: round(s / n, 4) for c, (s, n) in sums.items() if n}
     res = {f"loss/{c}": v for c, v in loss.items()}
     res.update({f"null-{c}": round(loss["null"] - loss[c], 4) for c in loss if c != "null"})
     return res
+
+
+def with_attributes(b: dict, drop, name: str, captions: list[str], cfg):
+    """A batch under a condition of an attribute_input stage: "X" alone (no attributes: what its MuLan tokens
+    carry), "X+stated" (the tempo and key its caption states in words, as a prompt gives them), "X+true" (its
+    metadata's); "none+true" is the null MuLan condition with the true attributes (what they carry alone)."""
+    from data import attributes
+    raw = b.get("attributes")
+    b = {k: v for k, v in b.items() if k not in ("attributes", "attrs")}
+    if "+" not in name:
+        return b, drop
+    b["attrs"] = attributes.from_texts(captions) if name.endswith("+stated") else attributes.ids(raw)
+    if name.startswith("none"):
+        b["mulan"] = torch.full_like(b["mulan"], cfg.mulan_codebook)
+    return b, drop
 
 
 def tempo_band(bpm: float) -> int:
@@ -84,10 +103,13 @@ def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: lis
     from stages.sampling import Sampling
     k = stage.cfg.semantic_codebook
     ids = cache.arrays["semantic"]
-    text = mulan.tokens(mulan.embed_text([p["caption"] for p in prompts]))[:, : stage.cfg.mulan_levels]
+    from data.attributes import from_texts
+    captions = [p["caption"] for p in prompts]
+    text = mulan.tokens(mulan.embed_text(captions))[:, : stage.cfg.mulan_levels]
     n = int(round(seconds * stage.cfg.semantic_rate))
     sampling = sampling or Sampling(guidance=3.0)
-    gen = stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed))
+    gen = stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed),
+                         attributes=from_texts(captions))   # what the prompts state (read by attribute_input stages)
     out = {"prompts": len(prompts), "guidance": sampling.guidance, "temperature": sampling.temperature}
     for name, get in ATTRIBUTES.items():
         train = [i for i in cache.rows("train") if labels[i] is not None and get(labels[i]) is not None]

@@ -18,7 +18,10 @@ Each row hands the chain the truth of a real clip down to some point and runs th
 An acoustic-role stage in the coarse slot makes every level, so it has no fine_stage row.
 Measures: instrument accuracy by the project's classifier (MFCC statistics + logistic regression
 fitted on train-split originals, evaluation/codec.py), the number of distinct instruments it hears,
-and the mel distance to the original for the rows that are time-aligned with it (all but chain).
+tempo and key accuracy against the clip's metadata (evaluation/adherence.py: within 4% allowing octave
+errors; the key by Krumhansl-Schmuckler profiles), and the mel distance to the original for the rows that
+are time-aligned with it (all but chain). The original row is each measure's ceiling: a beat tracker on a
+few seconds misses tempos the clip has.
 Clips are picked per instrument label (up to --per-label each), so every instrument the held-out
 manifests have is covered; the table says how many labels that is.
 """
@@ -35,6 +38,7 @@ import torch
 
 from evaluation import use_threads
 from common.errors import UserError, run_cli
+from data.attributes import from_texts, ids, raw_from_metadata
 from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
 
@@ -57,8 +61,11 @@ def pick_clips(manifests: list[Path], per_label: int, limit: int) -> list[dict]:
     return rows[:limit]
 
 
-def row_codes(name: str, pipe, x: torch.Tensor, captions: list[str], options) -> torch.Tensor | None:
-    """Audio [B, 1, N] of real clips -> the codec codes the oracle row `name` decodes (None: not applicable)."""
+def row_codes(name: str, pipe, x: torch.Tensor, rows: list[dict], options) -> torch.Tensor | None:
+    """Audio [B, 1, N] of real clips (and their manifest rows) -> the codec codes the oracle row `name` decodes
+    (None: not applicable). Rows handed the clip's own MuLan tokens get its true tempo and key too (a stage with
+    attribute_input reads them); the text row gets what its caption states, as a prompt would."""
+    captions = [r["caption"] for r in rows]
     codec, mulan = pipe.codec, pipe.mulan
     codes = codec.encode(x)
     qc = pipe.parts["coarse"].cfg.coarse_levels
@@ -71,15 +78,17 @@ def row_codes(name: str, pipe, x: torch.Tensor, captions: list[str], options) ->
     sem = pipe.semantic_ids(x)
     if name in ("coarse_stage", "coarse_stage_only"):
         return pipe.render(mulan.tokens(mulan.embed_audio(x, pipe.sample_rate)), sem, options=options,
-                           fine=name == "coarse_stage")
+                           fine=name == "coarse_stage", attributes=ids(raw_from_metadata(rows)))
     if name == "coarse_stage_text":
-        return pipe.render(mulan.tokens(mulan.embed_text(captions)), sem, options=options)
+        return pipe.render(mulan.tokens(mulan.embed_text(captions)), sem, options=options,
+                           attributes=from_texts(captions))
     raise ValueError(name)
 
 
 @torch.no_grad()
 def run_oracle(pipe, clips: list[dict], seconds: float, rows: list[str], classifier, options, batch: int) -> dict:
     from evaluation.codec import mfcc_features
+    from evaluation.adherence import adherence
     from evaluation.metrics import mel_distance
     sr, n = pipe.sample_rate, int(seconds * pipe.sample_rate)
     audio = torch.from_numpy(np.stack([crop_or_pad(load_audio(r["audio"], sr), n) for r in clips]))
@@ -88,13 +97,13 @@ def run_oracle(pipe, clips: list[dict], seconds: float, rows: list[str], classif
     for name in rows:
         t0, waves = time.perf_counter(), []
         for i in range(0, len(clips), batch):
-            x, caps = audio[i:i + batch, None], [r["caption"] for r in clips[i:i + batch]]
+            x, part = audio[i:i + batch, None], clips[i:i + batch]
             if name == "original":
                 waves.append(x[:, 0])
             elif name == "chain":
-                waves.append(pipe.generate(caps, seconds, options=options)[:, 0, :n])
+                waves.append(pipe.generate([r["caption"] for r in part], seconds, options=options)[:, 0, :n])
             else:
-                codes = row_codes(name, pipe, x, caps, options)
+                codes = row_codes(name, pipe, x, part, options)
                 if codes is None:
                     break
                 waves.append(pipe.codec.decode(codes, length=n)[:, 0])
@@ -104,6 +113,8 @@ def run_oracle(pipe, clips: list[dict], seconds: float, rows: list[str], classif
         pred = classifier.predict(np.stack([mfcc_features(v, sr) for v in w.numpy()]))
         res = {"instrument_acc": round(float(np.mean(pred == labels)), 4),
                "distinct_instruments": int(len(set(pred))), "seconds": round(time.perf_counter() - t0, 1)}
+        found = adherence(clips, list(w.numpy()), sr)   # tempo and key of the rows whose metadata state them
+        res.update({k: round(found[k], 4) for k in ("tempo_acc", "key_acc") if k in found})
         if name not in ("original", "chain"):
             res["mel_distance"] = round(float(mel_distance(audio, w, sr).mean()), 4)
         results[name] = res
@@ -114,11 +125,12 @@ def run_oracle(pipe, clips: list[dict], seconds: float, rows: list[str], classif
 def markdown(results: dict, clips: int, labels: int, seconds: float) -> str:
     codec = results.get("codec", {}).get("instrument_acc")
     lines = [f"{clips} held-out clips, {labels} instrument labels, {seconds:g} s each", "",
-             "| row | instrument accuracy | of codec | distinct instruments | mel distance |", "|---|---|---|---|---|"]
+             "| row | instrument accuracy | of codec | distinct instruments | tempo | key | mel distance |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         rel = f"{r['instrument_acc'] / codec:.2f}" if codec else ""
         lines.append(f"| {name} | {r['instrument_acc']:.3f} | {rel} | {r['distinct_instruments']} | "
-                     f"{r.get('mel_distance', '')} |")
+                     f"{r.get('tempo_acc', '')} | {r.get('key_acc', '')} | {r.get('mel_distance', '')} |")
     return "\n".join(lines) + "\n"
 
 

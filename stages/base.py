@@ -66,6 +66,9 @@ class StageConfig(RunConfig):
                                       # linear map, embed the MuLan tokens ("" = a learned row per token)
     mulan_vector_dim: int = 0         # filled from mulan_vectors at training time (its embedding size)
     cond_global: bool = False         # frame-aligned kinds: also sum the pooled MuLan condition into every frame
+    attribute_input: bool = False     # semantic and delay kinds: tempo and key ids (data/attributes.py) summed into
+                                      # every position; from the clip's metadata in training, the prompt's words at inference
+    attribute_dropout: float = 0.5    # the chance each attribute of a training row is hidden (prompts that state neither)
     init: str = ""                    # start from this checkpoint's weights (a new module keeps its fresh init)
     # training (the run fields: common.training.RunConfig)
     cache: str = "cache/corpus"
@@ -83,7 +86,7 @@ class StageConfig(RunConfig):
                      at_least_zero=("fine_levels", "context_window", "semantic_context", "unmasked_weight",
                                     "mulan_vector_dim"),
                      unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout", "code_dropout",
-                           "melody_dropout"))
+                           "melody_dropout", "attribute_dropout"))
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ConfigError(f"dim={self.dim} must be a multiple of 2 x heads={self.heads} (rotary halves)")
         if self.role and self.role not in ROLES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from data.attributes import VOCAB as ATTRIBUTE_VOCAB, drop, null_like
 from stages.base import StageConfig
 from stages.frames import FrameModel, frame_rate_ids, level_losses
 from stages.sampling import Sampling, cfg_mix, sample
@@ -64,7 +65,8 @@ class DelayStage:
         self.model = FrameModel(self.hi - self.lo, cfg.acoustic_codebook, 0 if fine else cfg.mulan_levels,
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
                                 self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context,
-                                cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim, cfg.cond_global and not fine)
+                                cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim, cfg.cond_global and not fine,
+                                ATTRIBUTE_VOCAB if cfg.attribute_input and not fine else 0)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""
@@ -91,7 +93,10 @@ class DelayStage:
         semantic = frame_rate_ids(batch["semantic"].to(device), self.ratio, T)
         known = batch["acoustic"][:, :self.lo].to(device) if self.role == "fine" else None
         cond = self.cond(batch["mulan"].to(device), None if drop_cond is None else drop_cond.to(device))
-        logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1))
+        attrs = None
+        if self.cfg.attribute_input and "attrs" in batch:   # null where the condition is dropped, as in guidance
+            attrs = (batch["attrs"] if drop_cond is None else drop(batch["attrs"], drop_cond)).to(device)
+        logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1), attrs=attrs)
         return level_losses(logits, target, target != self.model.empty)
 
     def teacher_forced(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,13 +106,15 @@ class DelayStage:
         return target, torch.cat([target.new_full((*codes.shape[:2], 1), self.model.empty), target[..., :-1]], -1)
 
     @torch.no_grad()
-    def score(self, mulan: torch.Tensor, semantic: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
+    def score(self, mulan: torch.Tensor, semantic: torch.Tensor | None, codes: torch.Tensor,
+              attributes: torch.Tensor | None = None) -> torch.Tensor:
         """Mean log-likelihood per row [B] of codes [B, K, T] given MuLan [B, Q_m] and semantic ids [B, T_s]
-        (teacher-forced): what rescoring another kind's candidates asks of this one."""
+        (+ attribute ids [B, 2]) (teacher-forced): what rescoring another kind's candidates asks of this one."""
         _, K, T = codes.shape
         target, inputs = self.teacher_forced(codes)
         sem = None if semantic is None else extend(frame_rate_ids(semantic, self.ratio, T), T + K - 1)
-        logp = self.model(self.cond(mulan, None), inputs, sem).float().log_softmax(-1)     # [B, S, K, V]
+        attrs = attributes if self.cfg.attribute_input else None
+        logp = self.model(self.cond(mulan, None), inputs, sem, attrs=attrs).float().log_softmax(-1)   # [B, S, K, V]
         valid = target != self.model.empty
         picked = logp.permute(0, 2, 1, 3).gather(-1, target.clamp(max=self.model.codebook - 1)[..., None])[..., 0]
         return (picked * valid).sum((1, 2)) / valid.sum((1, 2))
@@ -120,16 +127,17 @@ class DelayStage:
 
     def generate_codes(self, mulan: torch.Tensor, semantic: torch.Tensor | None, frames: int, s: Sampling = Sampling(),
                        prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       use_cache: bool = True, progress=None) -> torch.Tensor:
-        """MuLan [B, Q_m] + semantic ids [B, T_s] covering prompt + new frames (+ prompt codes [B, K, P])
-        -> new codes [B, K, frames]."""
+                       use_cache: bool = True, progress=None, attributes: torch.Tensor | None = None) -> torch.Tensor:
+        """MuLan [B, Q_m] + semantic ids [B, T_s] covering prompt + new frames (+ prompt codes [B, K, P], + attribute
+        ids [B, 2] for a stage trained with attribute_input) -> new codes [B, K, frames]."""
         B, P = len(mulan), 0 if prompt is None else prompt.shape[-1]
         codes = torch.full((B, self.hi - self.lo, P + frames), -1, dtype=torch.long)
         if prompt is not None:
             codes[..., :P] = prompt[:, : self.hi - self.lo]
         sem = frame_rate_ids(semantic, self.ratio, P + frames) if semantic is not None else None
         null = self.cond(mulan, torch.ones(B, dtype=torch.bool))
-        out = self.decode(mulan, null, codes, sem, None, s, generator, use_cache, progress)
+        attrs = attributes if self.cfg.attribute_input else None
+        out = self.decode(mulan, null, codes, sem, None, s, generator, use_cache, progress, attrs=attrs)
         return out[..., P:]
 
     def generate_fine(self, coarse: torch.Tensor, s: Sampling = Sampling(), generator: torch.Generator | None = None,
@@ -143,14 +151,17 @@ class DelayStage:
         return self.decode(empty, None, codes, None, coarse[:, : self.lo], s, generator, use_cache, progress)
 
     @torch.inference_mode()
-    def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None):
+    def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None,
+               attrs=None):
         """Fill the -1 cells of codes [B, K, T] step by step; cells >= 0 are kept (a prompt). With guidance,
-        conditional and null rows run as one batch and their logits are mixed."""
+        conditional and null rows (null attributes too) run as one batch and their logits are mixed."""
         model, (B, K, T) = self.model, codes.shape
         guided = null is not None and s.guidance != 1.0
         both = lambda x: None if x is None else (torch.cat([x, x]) if guided else x)  # noqa: E731
         rows = torch.cat([cond, null]) if guided else cond
-        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows)
+        if attrs is not None and guided:
+            attrs = torch.cat([attrs, null_like(attrs)])
+        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows, attrs)
         if semantic is not None and semantic.shape[1] == 1:   # cond_global without semantic ids: every step
             semantic = semantic.expand(-1, T + K - 1, -1)
         known = both(extend(known, T + K - 1))

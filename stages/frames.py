@@ -8,6 +8,7 @@ the codes being made is given by construction instead of learned (SoundStorm's c
     prefix        m1   m2  |
     semantic               |  + s1        + s1        + s2        + s2        (25 Hz ids repeated to 50 Hz)
     MuLan (cond_global)    |  + g         + g         + g         + g         (optional: the prefix pooled)
+    attributes             |  + a         + a         + a         + a         (optional: tempo, key ids, summed)
     known levels           |  + c1        + c2        + c3        + c4        (fine role: the coarse codes)
     own levels             |  + x1        + x2        + x3        + x4        (placed by the kind's pattern)
 
@@ -32,7 +33,7 @@ class FrameModel(nn.Module):
 
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
                  known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
-                 tie: bool = False, cond_dim: int = 0, cond_global: bool = False):
+                 tie: bool = False, cond_dim: int = 0, cond_global: bool = False, attribute_vocab: int = 0):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
@@ -48,6 +49,8 @@ class FrameModel(nn.Module):
         # vectors, or the mean of its learned rows, through a linear map that starts at zero), so a frame reads the
         # instrument without finding it in the prefix by attention
         self.cond_global = nn.Linear(cond_dim or dim, dim) if cond_global and cond_levels else None
+        # attribute_input: tempo and key ids (data/attributes.py) of the row, summed into every frame
+        self.attributes = nn.Embedding(attribute_vocab, dim) if attribute_vocab else None
         self.semantic = nn.Embedding(semantic_codebook, dim) if semantic_codebook else None
         # with semantic_context c, each frame also sees the ids of the c frames either side (a convolution over the
         # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
@@ -65,6 +68,8 @@ class FrameModel(nn.Module):
         self.apply(self._init)
         if self.cond_global is not None:
             nn.init.zeros_(self.cond_global.weight)   # a warm start from a model without it begins as that model
+        if self.attributes is not None:
+            nn.init.zeros_(self.attributes.weight)    # likewise
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -93,10 +98,14 @@ class FrameModel(nn.Module):
             pooled = self.cond_vectors[levels[None].expand_as(cond), cond].sum(1)     # the quantized MuLan embedding
         return self.cond_global(pooled.to(self.cond_global.weight.dtype))
 
-    def semantic_features(self, semantic: torch.Tensor | None, cond: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global) -> what is summed into
-        each frame [B, T, D] (None: no input)."""
+    def semantic_features(self, semantic: torch.Tensor | None, cond: torch.Tensor | None = None,
+                          attrs: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global, + attribute ids [B, A])
+        -> what is summed into each frame [B, T, D] (None: no input)."""
         g = None if cond is None else self.global_condition(cond)
+        if self.attributes is not None and attrs is not None:
+            a = self.attributes(attrs).sum(1)
+            g = a if g is None else g + a
         if self.semantic is None or semantic is None:
             return None if g is None else g[:, None]
         x = self.semantic(semantic)
@@ -123,9 +132,10 @@ class FrameModel(nn.Module):
         return self.head(self.norm(h)).unflatten(-1, (self.levels, self.codebook))
 
     def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,
-                known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+                known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal",
+                attrs: torch.Tensor | None = None) -> torch.Tensor:
         """The whole sequence at once (training, scoring) -> logits [B, T, K, V] of the frame positions."""
-        frames = self.embed_frames(codes, self.semantic_features(semantic, cond), known)
+        frames = self.embed_frames(codes, self.semantic_features(semantic, cond, attrs), known)
         x = torch.cat([self.embed_prefix(cond), frames], 1)
         return self.logits(run_blocks(self.blocks, x, self.heads, 0, None, mask)[:, cond.shape[1]:])
 

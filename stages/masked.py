@@ -139,9 +139,11 @@ class MaskedStage(DelayStage):
         return out if head is None else torch.cat([head, out], -1)
 
     @torch.inference_mode()
-    def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None):
+    def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None,
+               attrs=None):
         """Fill the -1 cells of codes [B, K, T], level by level (cells >= 0 are kept: a prompt). Leaves in
-        self.confidence [B] the mean log-probability of the cells it filled, as they were last sampled."""
+        self.confidence [B] the mean log-probability of the cells it filled, as they were last sampled.
+        (`attrs` is always None here: training refuses attribute_input for the masked kind.)"""
         B, K, T = codes.shape
         logp_sum, filled = torch.zeros(B), torch.zeros(B)
         guided = null is not None and s.guidance != 1.0

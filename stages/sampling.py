@@ -79,7 +79,8 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
 def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: torch.Tensor,
              s: Sampling = Sampling(), forced: torch.Tensor | None = None, null_prefix: torch.Tensor | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
-             extra: torch.Tensor | None = None) -> torch.Tensor:
+             extra: torch.Tensor | None = None, attrs: torch.Tensor | None = None,
+             null_attrs: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prefix` [B, P] with len(levels) tokens of the given levels -> [B, len(levels)].
 
     `forced` [B, N] gives tokens to copy instead of sampling where >= 0 (e.g. known coarse
@@ -87,7 +88,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     `null_prefix` (the prefix with its condition replaced by null tokens) and guidance != 1,
     conditional and unconditional rows run in one batch and their logits are mixed.
     `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks). `extra` [B, P + N]: a
-    side-input id of every position (e.g. the melody), summed into its input by the model.
+    side-input id of every position (e.g. the melody), summed into its input by the model. `attrs` [B, A]: each
+    row's attribute ids (tempo, key), `null_attrs` those of the unconditional rows (default: the same).
     """
     B, P = prefix.shape
     N = len(levels)
@@ -99,8 +101,10 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     everywhere = known.all(0).tolist()   # positions copied in every row need no logits
     first = int(levels.min()) if N else 0   # per-level knobs count from the first generated level
     side = lambda a, b: None if extra is None else (torch.cat([extra[:, a:b]] * 2) if guided else extra[:, a:b])  # noqa: E731
+    if attrs is not None and guided:
+        attrs = torch.cat([attrs, attrs if null_attrs is None else null_attrs])
     cache = model.new_cache() if use_cache else None
-    h = model.hidden(seq, prefix_levels, 0, cache, side(0, P))[:, -1]
+    h = model.hidden(seq, prefix_levels, 0, cache, side(0, P), attrs)[:, -1]
     out = torch.zeros(B, N, dtype=torch.long)
     i = 0
     while i < N:
@@ -121,9 +125,9 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
             break
         chunk = torch.cat([out[:, i:j], out[:, i:j]]) if guided else out[:, i:j]
         if use_cache:
-            h = model.hidden(chunk, levels[i:j], P + i, cache, side(P + i, P + j))[:, -1]
+            h = model.hidden(chunk, levels[i:j], P + i, cache, side(P + i, P + j), attrs)[:, -1]
         else:
             seq = torch.cat([seq, chunk], 1)
-            h = model.hidden(seq, all_levels[: P + j], extra=side(0, P + j))[:, -1]
+            h = model.hidden(seq, all_levels[: P + j], extra=side(0, P + j), attrs=attrs)[:, -1]
         i = j
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
+from data.attributes import VOCAB as ATTRIBUTE_VOCAB, drop, null_like
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
@@ -33,12 +34,20 @@ class Flattened:
     def loss(self, batch, drop_cond, model=None) -> dict:
         device = self.model.offsets.device
         tokens, levels, predict = (t.to(device) for t in self.training_sequence(batch, drop_cond))
-        extra = self.side_input(batch)
-        return (model or self.model)(tokens, levels, predict, None if extra is None else extra.to(device))
+        extra, attrs = self.side_input(batch), self.row_attributes(batch, drop_cond)
+        return (model or self.model)(tokens, levels, predict, None if extra is None else extra.to(device),
+                                     None if attrs is None else attrs.to(device))
 
     def side_input(self, batch) -> torch.Tensor | None:
         """Per-position side-input ids of the training sequence, if the kind has one (the melody)."""
         return None
+
+    def row_attributes(self, batch, drop_cond) -> torch.Tensor | None:
+        """Attribute ids [B, 2] of the batch's rows (stages/train.py draws which are hidden), null where the
+        condition is dropped: the unconditional rows of guidance know no tempo or key either."""
+        if not self.cfg.attribute_input or "attrs" not in batch:
+            return None
+        return batch["attrs"] if drop_cond is None else drop(batch["attrs"], drop_cond)
 
 
 class SemanticStage(Flattened):
@@ -49,7 +58,8 @@ class SemanticStage(Flattened):
         sizes = [cfg.mulan_codebook + 1] * cfg.mulan_levels + [cfg.semantic_codebook]
         self.model = Transformer(ModelShape(sizes, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
                                             MELODY_VOCAB if cfg.melody_input else 0,
-                                            cfg.mulan_levels if cfg.mulan_vector_dim else 0, cfg.mulan_vector_dim))
+                                            cfg.mulan_levels if cfg.mulan_vector_dim else 0, cfg.mulan_vector_dim,
+                                            ATTRIBUTE_VOCAB if cfg.attribute_input else 0))
         self.semantic_level = cfg.mulan_levels
 
     def melody_positions(self, melody: torch.Tensor | None, B: int, prefix: int, n: int) -> torch.Tensor | None:
@@ -86,17 +96,20 @@ class SemanticStage(Flattened):
 
     def generate(self, mulan: torch.Tensor, n: int, s: Sampling = Sampling(), prompt: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
-                 melody: torch.Tensor | None = None) -> torch.Tensor:
+                 melody: torch.Tensor | None = None, attributes: torch.Tensor | None = None) -> torch.Tensor:
         """MuLan tokens [B, Q_m] (+ semantic prompt [B, P]) -> n new semantic ids [B, n]; with `melody` [B, P + n]
-        (melody ids of the prompt and the new frames) a stage trained with melody_input follows it."""
+        (melody ids of the prompt and the new frames) a stage trained with melody_input follows it, and with
+        `attributes` [B, 2] (data/attributes.py ids) one trained with attribute_input keeps that tempo and key."""
         prompt = prompt if prompt is not None else mulan.new_zeros(mulan.shape[0], 0)
         prefix = torch.cat([mulan, prompt], 1)
         null = torch.cat([self.cond(mulan, torch.ones(len(mulan), dtype=torch.bool)), prompt], 1)
         prefix_levels = torch.cat([self.cond_levels(), torch.full((prompt.shape[1],), self.semantic_level)])
         levels = torch.full((n,), self.semantic_level)
         extra = self.melody_positions(melody, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n)
+        attrs = attributes if self.cfg.attribute_input else None
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
-                        use_cache=use_cache, progress=progress, extra=extra)
+                        use_cache=use_cache, progress=progress, extra=extra, attrs=attrs,
+                        null_attrs=None if attrs is None else null_like(attrs))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from common.config import load_config, parse_args_with_overrides
 from common.errors import UserError, run_cli
 from audio_tokenizers.melody import NONE as NO_MELODY
 from common.training import run
+from data import attributes
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, save_stage
 
@@ -41,6 +42,9 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
         wrong.append(f"cond_source={cfg.cond_source} needs text tokens (python -m data.tokenize --text-only ...)")
     if cfg.melody_input and "melody" not in cache.arrays:
         wrong.append("melody_input needs melody ids (python -m data.tokenize --melody-only --out CACHE)")
+    if cfg.attribute_input and "attributes" not in cache.arrays:
+        wrong.append("attribute_input needs each clip's tempo and key (python -m data.tokenize --attributes-only "
+                     "--out CACHE --manifest ...)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
@@ -64,18 +68,24 @@ def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, b
     b = cache.window(pick[mine], starts[mine], frames, ratio)
     b["mulan"] = training_condition(b, cfg, *draws[:4]) if train else b["mulan"][:, : cfg.mulan_levels]
     if "melody" in b and train:   # melody dropout: a share of rows learns to do without one
-        b["melody"] = torch.where(draws[-1][:, None], NO_MELODY, b["melody"])
+        b["melody"] = torch.where(draws[4][:, None], NO_MELODY, b["melody"])
+    if cfg.attribute_input and "attributes" in b:   # tempo and key ids; each hidden at random, as prompts omit them
+        b["attrs"] = attributes.ids(b.pop("attributes"))
+        if train:
+            b["attrs"] = attributes.drop(b["attrs"], draws[5])
     return b, drop[mine]
 
 
 def condition_draws(cfg: StageConfig, g: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-    """Per row of the global batch: text or audio condition, which caption, how many levels kept, whether cut."""
+    """Per row of the global batch: text or audio condition, which caption, how many levels kept, whether cut,
+    whether the melody and each attribute are hidden."""
     use_text = torch.rand(batch, generator=g) < {"audio": 0.0, "text": 1.0, "mix": cfg.cond_text_prob}.get(cfg.cond_source, 0.0)
     which = torch.randint(0, 1 << 30, (batch,), generator=g)
     keep = torch.randint(1, max(2, cfg.mulan_levels), (batch,), generator=g)
     cut = torch.rand(batch, generator=g) < cfg.cond_level_dropout
     no_melody = torch.rand(batch, generator=g) < cfg.melody_dropout
-    return use_text, which, keep, cut, no_melody
+    no_attribute = torch.rand(batch, 2, generator=g) < cfg.attribute_dropout   # drawn last: older runs' draws stay
+    return use_text, which, keep, cut, no_melody, no_attribute
 
 
 def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut) -> torch.Tensor:
@@ -96,6 +106,8 @@ def with_condition(b: dict, name: str, cfg: StageConfig) -> tuple[dict, torch.Te
     m, drop = b["mulan"][:, : cfg.mulan_levels], None
     if name == "other":
         m = m.roll(1, 0)
+        if "attrs" in b:
+            b = {**b, "attrs": b["attrs"].roll(1, 0)}
     elif name == "null":
         drop = torch.ones(len(m), dtype=torch.bool)
     elif name in ("text", "text_new"):
@@ -247,6 +259,9 @@ def warm_start(model: torch.nn.Module, ck, path: str) -> None:
 def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a later
     --resume continues the same schedule (useful for time-boxed sessions)."""
+    if cfg.attribute_input and (cfg.kind not in ("semantic", "delay") or cfg.role == "fine"):
+        raise UserError(f"attribute_input is an option of the semantic stage and of delay stages that read MuLan "
+                        f"tokens (this config: kind {cfg.kind}, role {cfg.role}); remove it")
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
     cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")

@@ -29,6 +29,7 @@ class ModelShape:
     extra_vocab: int = 0     # > 0: a side input, one id per position, summed into it (the semantic stage's melody)
     cond_levels: int = 0     # > 0 with cond_dim: the first cond_levels levels are embedded by fixed code vectors
     cond_dim: int = 0        # (the MuLan RVQ's, in `cond_vectors`) through one learned linear map
+    attribute_vocab: int = 0  # > 0: a few ids per row (tempo, key: data/attributes.py), summed into every position
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,10 +119,13 @@ class Transformer(nn.Module):
             # code vectors of each condition level; the last row (the null id) stays zero
             self.register_buffer("cond_vectors", torch.zeros(shape.cond_levels, shape.level_sizes[0], shape.cond_dim))
             self.cond_proj = nn.Linear(shape.cond_dim, shape.dim)
+        self.attributes = nn.Embedding(shape.attribute_vocab, shape.dim) if shape.attribute_vocab else None
         self.blocks = nn.ModuleList(Block(shape.dim, shape.heads, shape.dropout) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)
         self.head = nn.Linear(shape.dim, int(sizes.sum()), bias=False)  # sliced per level
         self.apply(self._init)
+        if self.attributes is not None:
+            nn.init.zeros_(self.attributes.weight)   # a warm start from a model without them begins as that model
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -131,15 +135,19 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def hidden(self, tokens: torch.Tensor, levels: torch.Tensor, start: int = 0,
-               cache: list[dict] | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+               cache: list[dict] | None = None, extra: torch.Tensor | None = None,
+               attrs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, L] (ids within their level), levels [L] -> hidden states [B, L, D].
         `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental;
-        `extra` [B, L] side-input ids (shape.extra_vocab > 0), summed into the inputs."""
+        `extra` [B, L] side-input ids (shape.extra_vocab > 0), summed into the inputs; `attrs` [B, A] attribute
+        ids of each row (shape.attribute_vocab > 0), their embeddings summed into every position."""
         x = self.embed(tokens + self.offsets[levels])
         if self.cond_proj is not None:
             x = self.vector_condition(x, tokens, levels)
         if self.extra is not None and extra is not None:
             x = x + self.extra(extra)
+        if self.attributes is not None and attrs is not None:
+            x = x + self.attributes(attrs).sum(1, keepdim=True)
         return self.norm(run_blocks(self.blocks, x, self.shape.heads, start, cache))
 
     def vector_condition(self, x: torch.Tensor, tokens: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -162,10 +170,10 @@ class Transformer(nn.Module):
         return h @ self.head.weight[lo: lo + self.shape.level_sizes[level]].t()
 
     def loss(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor,
-             extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             extra: torch.Tensor | None = None, attrs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy where `predict` [L] marks the positions that are targets.
         Returns the mean loss and, per level, (summed loss, correct, count) for logging."""
-        h = self.hidden(tokens[:, :-1], levels[:-1], extra=None if extra is None else extra[:, :-1])
+        h = self.hidden(tokens[:, :-1], levels[:-1], extra=None if extra is None else extra[:, :-1], attrs=attrs)
         total, count, stats = h.new_zeros(()), 0, {}
         for level in torch.unique(levels[1:][predict[1:]]).tolist():
             where = predict[1:] & (levels[1:] == level)
@@ -177,8 +185,8 @@ class Transformer(nn.Module):
         return {"loss": total / max(count, 1), "per_level": stats}
 
     def forward(self, tokens: torch.Tensor, levels: torch.Tensor, predict: torch.Tensor,
-                extra: torch.Tensor | None = None) -> dict:
-        return self.loss(tokens, levels, predict, extra)  # what DDP wraps
+                extra: torch.Tensor | None = None, attrs: torch.Tensor | None = None) -> dict:
+        return self.loss(tokens, levels, predict, extra, attrs)  # what DDP wraps
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.blocks]

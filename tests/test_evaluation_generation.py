@@ -145,9 +145,12 @@ def test_oracle_scores_every_row_on_labelled_clips(parts, tmp_path, monkeypatch)
     assert list(rows) == ["original", "codec", "coarse_only", "fine_stage", "coarse_stage_only", "coarse_stage",
                           "coarse_stage_text", "chain"]
     assert rows["original"]["instrument_acc"] == 1.0 and "mel_distance" not in rows["original"]
-    assert all(0 <= r["instrument_acc"] <= 1 for r in rows.values())
+    assert all(0 <= r["instrument_acc"] <= 1 and 0 <= r["tempo_acc"] <= 1 and 0 <= r["key_acc"] <= 1
+               for r in rows.values())   # both clips state a tempo and a key
+    assert rows["original"]["tempo_acc"] == 1.0   # click tracks: the beat tracker's ceiling
     assert rows["codec"]["mel_distance"] > 0 and "mel_distance" not in rows["chain"]
     assert "| coarse_stage |" in (tmp_path / "or/oracle.md").read_text()
+    assert "| tempo | key |" in (tmp_path / "or/oracle.md").read_text()
     assert_clean_error(run_module("evaluation.oracle", "--manifest", str(tmp_path / "none.jsonl"),
                                   "--out", str(tmp_path / "x"), "--train-manifest", str(parts / "train.jsonl")),
                        "not found")

@@ -1,0 +1,90 @@
+"""Attributes a prompt states in so many words, as a second condition beside MuLan's tokens: tempo and key.
+
+MuLan's tokens say what a clip sounds like, but a contrastive embedding quantized into 12 tokens keeps "slow"
+vs "fast" rather than 96 vs 120 bpm, and hardly the tonic: measured by the stage-wise oracle, the coarse stage
+handed a clip's true semantic ids and its MuLan tokens gets the key right 0.16 of the time (the codec 0.44).
+Every corpus clip's metadata has its exact tempo and key, so a stage can learn them as ids, dropped at random in
+training (`attribute_dropout`, each attribute on its own) so that it also works when a prompt states neither,
+and read them from the prompt at inference (`from_texts`: "96 bpm", "in G minor"). An attribute the prompt does
+not state is its null id. Both ids index one table; their embeddings are summed into every position of the
+stage's sequence (a stage with `attribute_input`).
+
+    raw  [B, 2]  (bpm, key index 0..23 = C major .. B major, C minor .. B minor), 0 / -1 = unknown
+    ids  [B, 2]  (tempo bin: 1 + round(log_1.03(bpm / 40)), 0 = none;  TEMPO_VOCAB + key + 1, TEMPO_VOCAB = none)
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+TEMPO_LOW, TEMPO_STEP, TEMPO_BINS = 40.0, 1.03, 63        # 40 .. ~250 bpm in 3% steps (the tempo check allows 4%)
+TEMPO_VOCAB = 1 + TEMPO_BINS
+KEY_VOCAB = 1 + 24
+VOCAB = TEMPO_VOCAB + KEY_VOCAB
+NULL = (0, TEMPO_VOCAB)
+PITCHES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
+ALIASES = {"Db": "C#", "D#": "Eb", "Gb": "F#", "G#": "Ab", "A#": "Bb", "Cb": "B", "Fb": "E", "E#": "F", "B#": "C"}
+_ACCIDENTAL = r"(#|♯|b|♭|-sharp|-flat| sharp| flat)?"
+_KEY_WITH_MODE = re.compile(r"(?<![A-Za-z])([A-G])" + _ACCIDENTAL + r"[\s-]*(major|minor|maj|min)\b", re.I)
+_KEY_BARE = re.compile(r"\b(?:in|key of|key:)\s+([A-G])" + _ACCIDENTAL + r"(m)?(?=\s*(?:[,.;:!)|]|$|key\b))")
+
+
+def key_index(key: str | None) -> int:
+    """"G minor", "Bb major", "E- minor" (music21's flat) -> 0..23 (minor keys from 12); -1 for None or unknown."""
+    if not key:
+        return -1
+    tonic, _, mode = key.strip().partition(" ")
+    tonic = tonic[:1].upper() + tonic[1:].replace("-", "b")
+    tonic = ALIASES.get(tonic, tonic)
+    if tonic not in PITCHES or mode.lower() not in ("major", "minor"):
+        return -1
+    return PITCHES.index(tonic) + (12 if mode.lower() == "minor" else 0)
+
+
+def key_in_text(text: str) -> str | None:
+    """The key a text names ("in G minor", "F# maj", "key of Eb", "in Am"), as "G minor"; None if it names none.
+    The tonic must be a capital letter, so "in a minute" is not a key; a bare tonic means major."""
+    m = _KEY_WITH_MODE.search(text)
+    if m and m.group(1).isupper():
+        mode = "minor" if m.group(3).lower().startswith("min") else "major"
+    else:
+        m = _KEY_BARE.search(text)
+        if not m:
+            return None
+        mode = "minor" if m.group(3) else "major"
+    acc = (m.group(2) or "").strip().lstrip("-").lower()
+    sign = {"#": "#", "♯": "#", "sharp": "#", "b": "b", "♭": "b", "flat": "b"}.get(acc, "")
+    return f"{ALIASES.get(m.group(1).upper() + sign, m.group(1).upper() + sign)} {mode}"
+
+
+def ids(raw: torch.Tensor) -> torch.Tensor:
+    """raw [B, 2] (bpm, key index) -> ids [B, 2] in the one table (unknowns -> the null ids)."""
+    bpm, key = raw[:, 0].double(), raw[:, 1].long()
+    tempo = 1 + torch.round(torch.log(bpm.clamp(min=1.0) / TEMPO_LOW) / math.log(TEMPO_STEP)).clamp(0, TEMPO_BINS - 1)
+    tempo = torch.where(bpm > 0, tempo.long(), torch.zeros_like(key))
+    return torch.stack([tempo, TEMPO_VOCAB + torch.where(key >= 0, key + 1, torch.zeros_like(key))], 1)
+
+
+def null_like(x: torch.Tensor) -> torch.Tensor:
+    """The null ids, shaped like ids x [B, 2]."""
+    return torch.tensor(NULL, dtype=torch.long).expand(len(x), -1).clone()
+
+
+def drop(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """ids x [B, 2] with the cells `where` [B, 2] (or rows, [B]) set to their null id."""
+    where = where[:, None].expand_as(x) if where.dim() == 1 else where
+    return torch.where(where, null_like(x), x)
+
+
+def from_texts(texts: list[str]) -> torch.Tensor:
+    """Prompts -> ids [B, 2] of the tempo and key they state in words."""
+    from data.captions import bpm_in_text
+    raw = [[bpm_in_text(t) or 0.0, key_index(key_in_text(t))] for t in texts]
+    return ids(torch.tensor(raw, dtype=torch.float64))
+
+
+def raw_from_metadata(rows: list[dict]) -> torch.Tensor:
+    """Manifest rows (corpus metadata: "tempo", "key") -> raw [N, 2] int16-ready values."""
+    return torch.tensor([[float(r.get("tempo") or 0.0), key_index(r.get("key"))] for r in rows])

@@ -1,0 +1,161 @@
+"""Tempo and key as attribute ids (data/attributes.py): read from words, learned by the stages that take them
+(attribute_input), and handed on by the pipeline."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_config
+from common.errors import UserError
+from data import attributes
+from data.captions import bpm_in_text
+from data.tokenize import TokenCache
+from stages.base import StageConfig, build_stage, load_stage, save_stage
+from stages.delay import DelayStage
+from stages.sampling import Sampling, cfg_mix
+from stages.train import check_init, train, warm_start
+from tests.helpers import ROOT, assert_clean_error, run_module
+from tests.stage_helpers import make_cache
+
+TEMPOS = (60, 90, 120)   # the debug cache's semantic cycle steps 1, 2, 3 follow these, not the MuLan tokens
+
+
+def attribute_cache(root):
+    make_cache(root)
+    sem = np.load(root / "semantic.npy").astype(np.int64)
+    n, t = sem.shape
+    which = np.arange(n) % 3
+    steps = 1 + which
+    sem = (sem[:, :1] + np.arange(t)[None] * steps[:, None]) % 16
+    np.save(root / "semantic.npy", sem.astype(np.int16))
+    keys = np.array([attributes.key_index("G minor")] * n)
+    np.save(root / "attributes.npy", np.stack([np.array(TEMPOS)[which], keys], 1).astype(np.int16))
+    return root
+
+
+def test_words_give_tempo_and_key():
+    assert bpm_in_text("Heavy metal at 160 beats per minute") == 160
+    assert bpm_in_text("around 51 BPM, 6/8") == 51 and bpm_in_text("metronome at 72") == 72
+    assert bpm_in_text("tempo: 88, in 12/8") == 88 and bpm_in_text("slow, 12/8") is None
+    assert bpm_in_text("1200 bpm") is None and bpm_in_text("a 4/4 groove at 120") is None
+    assert attributes.key_in_text("a little dance in G") == "G major"
+    assert attributes.key_in_text("Key of D minor, 2/2 meter") == "D minor"
+    assert attributes.key_in_text("F#-minor, fast") == "F# minor" and attributes.key_in_text("in Am, slow") == "A minor"
+    assert attributes.key_in_text("in Bb min") == "Bb minor" and attributes.key_in_text("in D-flat major") == "C# major"
+    assert attributes.key_in_text("in a minute") is None and attributes.key_in_text("A lonely violin") is None
+    ids = attributes.from_texts(["rock at 160 bpm in E minor", "no tempo, no key"])
+    assert ids.tolist() == [[1 + round(np.log(4) / np.log(1.03)), attributes.TEMPO_VOCAB + 1 + 16],
+                            list(attributes.NULL)]
+    raw = torch.tensor([[40, 0], [1000, 23], [0, -1]])
+    assert attributes.ids(raw).tolist() == [[1, attributes.TEMPO_VOCAB + 1], [attributes.TEMPO_BINS, attributes.VOCAB - 1],
+                                            list(attributes.NULL)]
+    dropped = attributes.drop(attributes.ids(raw), torch.tensor([[True, False], [False, False], [False, True]]))
+    assert dropped[0, 0] == 0 and dropped[0, 1] == attributes.TEMPO_VOCAB + 1 and dropped[1].tolist() == [63, 88]
+
+
+def test_semantic_stage_learns_the_tempo_it_is_told(tmp_path):
+    cache = TokenCache(attribute_cache(tmp_path / "cache"))
+    over = [f"cache={cache.root}", f"out={tmp_path / 's'}", "steps=150", "eval_every=150", "ckpt_every=150", "lr=0.01",
+            "warmup=5", "attribute_input=true", "attribute_dropout=0.2"]
+    stage = load_stage(train(load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", over)))
+    mulan = torch.as_tensor(cache.arrays["mulan"][:6].astype(np.int64))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+
+    def step_share(ids, step):   # how often consecutive ids advance by `step`
+        return float(((ids[:, 1:] - ids[:, :-1]) % 16 == step).float().mean())
+    for step, bpm in zip((1, 3), (60, 120)):
+        told = attributes.ids(torch.tensor([[bpm, 0]] * 6))
+        ids = stage.generate(mulan, 20, Sampling(temperature=0.5), generator=g(), attributes=told)
+        assert step_share(ids, step) > 0.8, (bpm, ids)
+    # guidance: the null rows have no attributes, so guidance strengthens them (runs, and still follows)
+    ids = stage.generate(mulan, 20, Sampling(temperature=0.5, guidance=3.0), generator=g(),
+                         attributes=attributes.ids(torch.tensor([[120, 0]] * 6)))
+    assert step_share(ids, 3) > 0.8
+    # the conditioning signal: the true attributes carry the step, alone and on top of the MuLan tokens
+    from evaluation.conditioning import signal
+    res = signal(stage, cache, np.arange(24), 0.2, batch=12)
+    assert res["null-none+true"] > 0.2 and res["loss/audio+true"] < res["loss/audio"] - 0.2, res
+    assert "loss/text+stated" not in res   # no text tokens in this cache
+
+
+def delay_config(tmp_path, out, *extra):
+    cache = tmp_path / "cache"
+    if not cache.exists():
+        attribute_cache(cache)
+    over = [f"cache={cache}", f"out={tmp_path / out}", "steps=6", "eval_every=6", "ckpt_every=6", *extra]
+    return load_config(StageConfig, ROOT / "configs/debug/delay.yaml", over)
+
+
+def test_delay_warm_start_begins_as_the_old_model_and_guidance_nulls_the_attributes(tmp_path):
+    plain = load_stage(train(delay_config(tmp_path, "plain")), "coarse")
+    cfg = delay_config(tmp_path, "attr", "attribute_input=true", f"init={tmp_path / 'plain/model'}")
+    stage = DelayStage(cfg)
+    warm_start(stage.model, check_init(cfg), cfg.init)
+    stage.model.eval()
+    cache = TokenCache(tmp_path / "cache")
+    b = cache.window(cache.rows("valid")[:2], np.zeros(2, dtype=int), 25, 2)
+    b["attrs"] = attributes.ids(b.pop("attributes"))
+    with torch.no_grad():   # the new table starts at zero: exactly the old model
+        assert torch.allclose(stage.loss(b, None)["loss"], plain.loss(b, None)["loss"], atol=1e-5)
+    torch.nn.init.normal_(stage.model.attributes.weight, std=0.5)   # make the attributes matter
+    mulan, semantic = b["mulan"], b["semantic"][:, :10]
+    told = attributes.ids(torch.tensor([[90, 3], [150, 20]]))
+    codes = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0), attributes=told)
+    target, inputs = stage.teacher_forced(codes)
+    sem = torch.cat([b["semantic"][:, :10].repeat_interleave(2, 1)] * 1 + [b["semantic"][:, 9:10]], 1)
+    with torch.no_grad():   # replay: conditional rows with the attributes, null rows without, mixed
+        cond = stage.model(mulan, inputs, sem, attrs=told)
+        null = stage.model(stage.cond(mulan, torch.ones(2, dtype=torch.bool)), inputs, sem,
+                           attrs=attributes.null_like(told))
+    picked = cfg_mix(cond, null, 3.0).argmax(-1).permute(0, 2, 1)
+    valid = target != stage.model.empty
+    assert (picked[valid] == target[valid]).all()
+    other = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0), attributes=told.flip(0))
+    assert not torch.equal(other, codes)
+
+
+def test_attribute_errors_name_the_fix(tmp_path):
+    with pytest.raises(UserError, match="attribute_input is an option"):
+        train(delay_config(tmp_path, "f", "role=fine", "attribute_input=true"))
+    make_cache(tmp_path / "plain_cache")
+    over = [f"cache={tmp_path / 'plain_cache'}", f"out={tmp_path / 'x'}", "steps=2", "attribute_input=true"]
+    with pytest.raises(UserError, match="--attributes-only"):
+        train(load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", over))
+    with pytest.raises(UserError, match="attribute_input is an option"):
+        train(load_config(StageConfig, ROOT / "configs/debug/masked.yaml", over))
+    assert not (tmp_path / "f").exists() and not (tmp_path / "x").exists()
+
+
+def test_attributes_only_writes_each_clips_tempo_and_key(tmp_path):
+    root = make_cache(tmp_path / "cache", clips=3)
+    index = json.loads((root / "index.json").read_text())
+    for c in index["clips"]:   # as a real cache records them: the manifest's resolved paths
+        c["audio"] = str(tmp_path / c["audio"])
+    (root / "index.json").write_text(json.dumps(index))
+    rows = [{"audio": c["audio"], "caption": "x", "tempo": 100 + i, "key": "Eb minor"} for i, c in enumerate(index["clips"])]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert_clean_error(run_module("data.tokenize", "--attributes-only", "--manifest", str(tmp_path / "m.jsonl"),
+                                  "--out", str(root)), "in none of the manifests")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_module("data.tokenize", "--attributes-only", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(root))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = TokenCache(root).arrays["attributes"]
+    assert got.tolist() == [[100, 15], [101, 15], [102, 15]]
+
+
+def test_the_pipeline_hands_a_stage_the_attributes_its_prompt_states(tmp_path, monkeypatch):
+    from pipeline import GenerationOptions, Pipeline, load_parts
+    from tests.helpers import save_debug_parts
+    parts = save_debug_parts(tmp_path / "parts")
+    cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["attribute_input=true"])
+    save_stage(build_stage(cfg), parts / "semantic")
+    pipe = Pipeline(load_parts({n: str(parts / n) for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic",
+                                                             "coarse", "fine")}))
+    seen = []
+    real = pipe.parts["semantic"].generate
+    monkeypatch.setattr(pipe.parts["semantic"], "generate", lambda *a, **k: seen.append(k.get("attributes")) or real(*a, **k))
+    wav = pipe.generate(["a waltz at 90 bpm in F minor", "no numbers here"], 1.0, options=GenerationOptions(seed=0))
+    assert wav.shape[0] == 2 and seen and seen[0].tolist() == attributes.from_texts(
+        ["a waltz at 90 bpm in F minor", "no numbers here"]).tolist()
+    assert seen[0][1].tolist() == list(attributes.NULL)
