@@ -179,6 +179,10 @@ def main() -> None:
         getattr(opts, stage)[key] = value
     texts = [t for t, _ in story] if story else args.text
     rows = 1 if story else len(texts)
+    if any(pipe.parts[k] is not None and pipe.parts[k].cfg.attribute_input for k in ("semantic", "coarse")):
+        from data.attributes import stated
+        for text in texts:   # what the stages trained with attribute_input will be told, so a user can check it
+            print(f"the prompt states: {stated(text)}  ({text[:50]})")
     per = args.batch * args.rerank
     t1 = time.perf_counter()
     try:

@@ -85,6 +85,14 @@ def from_texts(texts: list[str]) -> torch.Tensor:
     return ids(torch.tensor(raw, dtype=torch.float64))
 
 
+def stated(text: str) -> str:
+    """What a prompt states, in words for the user: "120 bpm, G minor", or "no tempo or key"."""
+    from data.captions import bpm_in_text
+    bpm, key = bpm_in_text(text), key_in_text(text)
+    parts = ([f"{bpm:g} bpm"] if bpm else []) + ([key] if key else [])
+    return ", ".join(parts) or "no tempo or key"
+
+
 def raw_from_metadata(rows: list[dict]) -> torch.Tensor:
     """Manifest rows (corpus metadata: "tempo", "key") -> raw [N, 2] int16-ready values."""
     return torch.tensor([[float(r.get("tempo") or 0.0), key_index(r.get("key"))] for r in rows])

@@ -159,3 +159,18 @@ def test_the_pipeline_hands_a_stage_the_attributes_its_prompt_states(tmp_path, m
     assert wav.shape[0] == 2 and seen and seen[0].tolist() == attributes.from_texts(
         ["a waltz at 90 bpm in F minor", "no numbers here"]).tolist()
     assert seen[0][1].tolist() == list(attributes.NULL)
+
+
+def test_the_command_line_says_what_the_prompt_states(tmp_path, monkeypatch, capsys):
+    from tests.helpers import save_debug_parts
+    from tests.test_pipeline import cli, stage_args
+    parts = save_debug_parts(tmp_path / "parts")
+    cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["attribute_input=true"])
+    save_stage(build_stage(cfg), tmp_path / "sem_attr")
+    code, out, err = cli(monkeypatch, capsys, "--text", "a waltz at 90 bpm in F minor", "--duration", "1", "--out",
+                         tmp_path / "a.wav", "--quiet", *stage_args(parts, semantic=tmp_path / "sem_attr"))
+    assert code == 0, err
+    assert "the prompt states: 90 bpm, F minor" in out
+    code, out, _ = cli(monkeypatch, capsys, "--text", "a waltz", "--duration", "1", "--out", tmp_path / "b.wav",
+                       "--quiet", *stage_args(parts))   # stages without attribute_input: nothing to say
+    assert code == 0 and "the prompt states" not in out
