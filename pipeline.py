@@ -171,9 +171,12 @@ class Pipeline:
         torch.manual_seed(o.seed)
         g = torch.Generator().manual_seed(o.seed)
         t0 = time.perf_counter()
-        if story:   # one song whose condition changes over time
-            conds = [(start, self.mulan.tokens(self.mulan.embed_text([text])), attributes_from_texts([text]))
-                     for text, start in story]
+        if story:   # one song whose condition changes over time; a tempo or key stated once holds until restated
+            conds, held = [], attributes_from_texts([""])
+            for text, start in story:
+                said = attributes_from_texts([text])
+                held = torch.where(said == attributes_from_texts([""]), held, said)
+                conds.append((start, self.mulan.tokens(self.mulan.embed_text([text])), held))
         else:
             conds = [(0.0, self.mulan.tokens(self.mulan.embed_text(list(texts))), attributes_from_texts(list(texts)))]
         cond_at = lambda sec: [c for start, c, _ in conds if start <= sec + 1e-9][-1]  # noqa: E731
@@ -265,8 +268,8 @@ class Pipeline:
 
     @staticmethod
     def _attributes(stage, attr_at, sec: float, B: int) -> dict:
-        """The stage's attribute argument at `sec` (only a stage trained with attribute_input takes one)."""
-        if attr_at is None or not stage.cfg.attribute_input:
+        """The stage's attribute argument at `sec` (only a stage that reads them, `takes_attributes`, gets one)."""
+        if attr_at is None or not getattr(stage, "takes_attributes", False):
             return {}
         return {"attributes": attr_at(sec).expand(B, -1)}
 

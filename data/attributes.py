@@ -27,8 +27,13 @@ NULL = (0, TEMPO_VOCAB)
 PITCHES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 ALIASES = {"Db": "C#", "D#": "Eb", "Gb": "F#", "G#": "Ab", "A#": "Bb", "Cb": "B", "Fb": "E", "E#": "F", "B#": "C"}
 _ACCIDENTAL = r"(#|♯|b|♭|-sharp|-flat| sharp| flat)?"
-_KEY_WITH_MODE = re.compile(r"(?<![A-Za-z])([A-G])" + _ACCIDENTAL + r"[\s-]*(major|minor|maj|min)\b", re.I)
-_KEY_BARE = re.compile(r"\b(?:in|key of|key:)\s+([A-G])" + _ACCIDENTAL + r"(m)?(?=\s*(?:[,.;:!)|]|$|key\b))")
+_TONIC = r"(?<![A-Za-z])(?-i:([A-G]))"   # a capital letter, whatever the case of the words around it
+_KEY_WITH_MODE = re.compile(_TONIC + _ACCIDENTAL + r"[\s-]*(major|minor|maj|min)\b", re.I)
+_KEY_BARE = re.compile(r"\b(?:in|key of|key:)\s+" + _TONIC + _ACCIDENTAL + r"(m)?(?=\s*(?:[-,.;:!()|]|$|key\b))", re.I)
+_NUMBER = r"(?<![\d.])(\d{2,3}(?:\.\d+)?)"
+_BPM_PATTERNS = [re.compile(_NUMBER + r"[\s-]*(?:bpm|b\.p\.m\.?|beats?\s+(?:per|a|each|every)\s+minute)", re.I),
+                 re.compile(r"\b(?:tempo|metronome(?:\s+at)?|pulse\s+of|pace\s+of|bpm)\s*(?:of|at|=|:)?\s*" + _NUMBER
+                            + r"(?![\d/]|s\b)", re.I)]
 
 
 def key_index(key: str | None) -> int:
@@ -43,20 +48,43 @@ def key_index(key: str | None) -> int:
     return PITCHES.index(tonic) + (12 if mode.lower() == "minor" else 0)
 
 
+def bpm_in_text(text: str) -> float | None:
+    """The tempo a text asks for in numbers ("96 bpm", "96-BPM", "tempo 96", "BPM: 96", "96 beats per minute",
+    "metronome at 96"), or None when it names none (pace words like "slow" are left to the text condition).
+    Meters ("6/8") and decades ("tempo 60s") never count."""
+    for pattern in _BPM_PATTERNS:
+        for m in pattern.finditer(text):
+            bpm = float(m.group(1))
+            if 20 <= bpm <= 400:
+                return bpm
+    return None
+
+
+def _article(text: str, m: re.Match) -> bool:
+    """Is this "A major ..." / "A minor ..." the article "a" before an adjective ("A major hit", "A minor-key
+    ballad")? Only at the start of a sentence and when words go on after it."""
+    if m.group(1) != "A" or m.group(2):
+        return False
+    before, after = text[: m.start()].rstrip(), text[m.end():]
+    return (not before or before[-1] in ".!?;:") and re.match(r"\s*[-\w]", after) is not None
+
+
 def key_in_text(text: str) -> str | None:
-    """The key a text names ("in G minor", "F# maj", "key of Eb", "in Am"), as "G minor"; None if it names none.
-    The tonic must be a capital letter, so "in a minute" is not a key; a bare tonic means major."""
-    m = _KEY_WITH_MODE.search(text)
-    if m and m.group(1).isupper():
-        mode = "minor" if m.group(3).lower().startswith("min") else "major"
-    else:
-        m = _KEY_BARE.search(text)
-        if not m:
-            return None
-        mode = "minor" if m.group(3) else "major"
+    """The key a text names ("in G minor", "F# maj", "key of Eb", "In Am, slow"), as "G minor"; None if it names
+    none. The tonic must be a capital letter ("in a minute" is no key) and a sentence-initial "A major hit" is an
+    article; a bare tonic ("in G") means major, a trailing m minor."""
+    for m in _KEY_WITH_MODE.finditer(text):
+        if not _article(text, m):
+            return _name(m, "minor" if m.group(3).lower().startswith("min") else "major")
+    m = _KEY_BARE.search(text)
+    return _name(m, "minor" if m.group(3) else "major") if m else None
+
+
+def _name(m: re.Match, mode: str) -> str:
     acc = (m.group(2) or "").strip().lstrip("-").lower()
     sign = {"#": "#", "♯": "#", "sharp": "#", "b": "b", "♭": "b", "flat": "b"}.get(acc, "")
-    return f"{ALIASES.get(m.group(1).upper() + sign, m.group(1).upper() + sign)} {mode}"
+    tonic = m.group(1) + sign
+    return f"{ALIASES.get(tonic, tonic)} {mode}"
 
 
 def ids(raw: torch.Tensor) -> torch.Tensor:
@@ -68,8 +96,16 @@ def ids(raw: torch.Tensor) -> torch.Tensor:
 
 
 def null_like(x: torch.Tensor) -> torch.Tensor:
-    """The null ids, shaped like ids x [B, 2]."""
-    return torch.tensor(NULL, dtype=torch.long).expand(len(x), -1).clone()
+    """The null ids, shaped like ids x [B, 2] (or [B, ...]: one row per row of x), on x's device."""
+    return torch.tensor(NULL, dtype=torch.long, device=x.device).expand(len(x), -1).clone()
+
+
+def for_rows(attrs: torch.Tensor | None, like: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """What an attribute stage is given for the rows of `like` [B, ...]: `attrs` [B, 2], or the null ids where none
+    are known (as in training, a stage never sees "no input", only null ids), and null in the rows whose condition
+    is `dropped` [B] (guidance's unconditional rows)."""
+    out = null_like(like) if attrs is None else attrs.to(like.device)
+    return out if dropped is None else drop(out, dropped.to(out.device))
 
 
 def drop(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -80,16 +116,16 @@ def drop(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 
 def from_texts(texts: list[str]) -> torch.Tensor:
     """Prompts -> ids [B, 2] of the tempo and key they state in words."""
-    from data.captions import bpm_in_text
     raw = [[bpm_in_text(t) or 0.0, key_index(key_in_text(t))] for t in texts]
     return ids(torch.tensor(raw, dtype=torch.float64))
 
 
 def stated(text: str) -> str:
     """What a prompt states, in words for the user: "120 bpm, G minor", or "no tempo or key"."""
-    from data.captions import bpm_in_text
     bpm, key = bpm_in_text(text), key_in_text(text)
-    parts = ([f"{bpm:g} bpm"] if bpm else []) + ([key] if key else [])
+    low, high = TEMPO_LOW, TEMPO_LOW * TEMPO_STEP ** (TEMPO_BINS - 1)
+    note = f" (read as {min(max(bpm, low), high):.0f}: the stages know {low:.0f}-{high:.0f})" if bpm and not low <= bpm <= high else ""
+    parts = ([f"{bpm:g} bpm{note}"] if bpm else []) + ([key] if key else [])
     return ", ".join(parts) or "no tempo or key"
 
 

@@ -7,8 +7,6 @@ clip's own random generator, so captions are reproducible.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 # GM program -> names a caption may use for it.
@@ -198,19 +196,3 @@ def describe(meta: dict, rng: np.random.Generator) -> str:
     text = sep.join(clauses[k] for k in order)
     return cap_first(text)
 
-
-_NUMBER = r"(?<![\d.])(\d{2,3}(?:\.\d+)?)"
-_BPM_PATTERNS = [re.compile(_NUMBER + r"\s*(?:bpm|b\.p\.m\.?|beats?\s+(?:per|a|each|every)\s+minute)", re.I),
-                 re.compile(r"\b(?:tempo|metronome(?:\s+at)?|pulse\s+of|pace\s+of)\s*(?:of|at|=|:)?\s*" + _NUMBER
-                            + r"(?![\d/])", re.I)]
-
-
-def bpm_in_text(text: str) -> float | None:
-    """The tempo a text asks for in numbers ("96 bpm", "tempo 96", "96 beats per minute", "metronome at 96"), or
-    None when it names none (pace words like "slow" are left to the text condition). Meters ("6/8") never count."""
-    for pattern in _BPM_PATTERNS:
-        for m in pattern.finditer(text):
-            bpm = float(m.group(1))
-            if 20 <= bpm <= 400:
-                return bpm
-    return None

@@ -54,7 +54,9 @@ def signal(stage, cache, rows: np.ndarray, seconds: float, batch: int = 16) -> d
         b.pop("melody", None)   # a text prompt: a melody_input stage is scored as it runs without --melody
         captions = [cache.index["clips"][r]["caption"] for r in part]
         for name in names:
-            out = stage.loss(*with_attributes(*with_condition(b, name.split("+")[0], cfg), name, captions, cfg))
+            base = name.split("+")[0]   # "none+true": the null MuLan tokens, set by with_attributes
+            out = stage.loss(*with_attributes(*with_condition(b, "audio" if base == "none" else base, cfg), name,
+                                              captions, cfg))
             sums[name][0] += sum(float(v[0]) for v in out["per_level"].values())
             sums[name][1] += sum(v[2] for v in out["per_level"].values())
     loss = {c: round(s / n, 4) for c, (s, n) in sums.items() if n}
@@ -64,9 +66,10 @@ def signal(stage, cache, rows: np.ndarray, seconds: float, batch: int = 16) -> d
 
 
 def with_attributes(b: dict, drop, name: str, captions: list[str], cfg):
-    """A batch under a condition of an attribute_input stage: "X" alone (no attributes: what its MuLan tokens
-    carry), "X+stated" (the tempo and key its caption states in words, as a prompt gives them), "X+true" (its
-    metadata's); "none+true" is the null MuLan condition with the true attributes (what they carry alone)."""
+    """A batch under a condition of an attribute_input stage: "X" alone (null attribute ids, as a prompt that
+    states neither: what its MuLan tokens carry), "X+stated" (the tempo and key its caption states in words, as a prompt gives them), "X+true" (its
+    metadata's); "none+true" is the null MuLan condition with the true attributes (what they carry alone; training never
+    pairs the two, since a dropped condition drops the attributes too)."""
     from data import attributes
     raw = b.get("attributes")
     b = {k: v for k, v in b.items() if k not in ("attributes", "attrs")}

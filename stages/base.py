@@ -93,6 +93,9 @@ class StageConfig(RunConfig):
             raise ConfigError(f"role={self.role!r}: use one of {', '.join(ROLES)}")
         if self.cond_source not in ("audio", "text", "mix"):
             raise ConfigError(f"cond_source={self.cond_source!r}: use audio, text or mix")
+        if self.attribute_input and (self.kind not in ("semantic", "delay") or self.role == "fine"):
+            raise ConfigError(f"attribute_input is an option of the semantic stage and of delay stages that read "
+                              f"MuLan tokens (this config: kind {self.kind}, role {self.role or 'implied'}); remove it")
 
 
 for _name in ("semantic", "coarse", "fine", "delay", "masked"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from data.attributes import VOCAB as ATTRIBUTE_VOCAB, drop, null_like
+from data.attributes import VOCAB as ATTRIBUTE_VOCAB, for_rows, null_like
 from stages.base import StageConfig
 from stages.frames import FrameModel, frame_rate_ids, level_losses
 from stages.sampling import Sampling, cfg_mix, sample
@@ -72,6 +72,11 @@ class DelayStage:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""
         return {"temperature": 0.8 if self.role == "fine" else 0.95}
 
+    @property
+    def takes_attributes(self) -> bool:
+        """Does generate() read tempo and key ids (data/attributes.py)? The pipeline hands them only then."""
+        return self.cfg.attribute_input
+
     def level_names(self) -> list[str]:
         names = [f"coarse{q}" for q in range(self.cfg.coarse_levels)] + [f"fine{q}" for q in range(self.cfg.fine_levels)]
         return names[self.lo:self.hi]
@@ -93,9 +98,7 @@ class DelayStage:
         semantic = frame_rate_ids(batch["semantic"].to(device), self.ratio, T)
         known = batch["acoustic"][:, :self.lo].to(device) if self.role == "fine" else None
         cond = self.cond(batch["mulan"].to(device), None if drop_cond is None else drop_cond.to(device))
-        attrs = None
-        if self.cfg.attribute_input and "attrs" in batch:   # null where the condition is dropped, as in guidance
-            attrs = (batch["attrs"] if drop_cond is None else drop(batch["attrs"], drop_cond)).to(device)
+        attrs = for_rows(batch.get("attrs"), cond, drop_cond) if self.cfg.attribute_input else None
         logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1), attrs=attrs)
         return level_losses(logits, target, target != self.model.empty)
 
@@ -113,7 +116,7 @@ class DelayStage:
         _, K, T = codes.shape
         target, inputs = self.teacher_forced(codes)
         sem = None if semantic is None else extend(frame_rate_ids(semantic, self.ratio, T), T + K - 1)
-        attrs = attributes if self.cfg.attribute_input else None
+        attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
         logp = self.model(self.cond(mulan, None), inputs, sem, attrs=attrs).float().log_softmax(-1)   # [B, S, K, V]
         valid = target != self.model.empty
         picked = logp.permute(0, 2, 1, 3).gather(-1, target.clamp(max=self.model.codebook - 1)[..., None])[..., 0]
@@ -136,7 +139,7 @@ class DelayStage:
             codes[..., :P] = prompt[:, : self.hi - self.lo]
         sem = frame_rate_ids(semantic, self.ratio, P + frames) if semantic is not None else None
         null = self.cond(mulan, torch.ones(B, dtype=torch.bool))
-        attrs = attributes if self.cfg.attribute_input else None
+        attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
         out = self.decode(mulan, null, codes, sem, None, s, generator, use_cache, progress, attrs=attrs)
         return out[..., P:]
 

@@ -107,8 +107,13 @@ class MaskedStage(DelayStage):
         return {"loss": total / max(count, 1), "per_level": stats}
 
     # ------------------------------------------------------------------ decoding
+    @property
+    def takes_attributes(self) -> bool:
+        """The masked kind reads no attributes, but hands them to its autoregressive helper (hybrid, rescoring)."""
+        return True
+
     def generate_codes(self, mulan, semantic, frames, s: Sampling = Sampling(), prompt=None, generator=None,
-                       use_cache=True, progress=None):
+                       use_cache=True, progress=None, attributes=None):
         """As the delay kind's, plus MAGNeT's two extras (knobs of `s`, with an autoregressive `s.ar_stage`):
         the hybrid (its first `hybrid_seconds` of the window autoregressively, the rest by masking, conditioned on
         them) and rescoring (`candidates` decodings per row, the best by a mix of this model's confidence and
@@ -121,7 +126,7 @@ class MaskedStage(DelayStage):
         if s.hybrid_seconds > 0:
             n = min(frames, int(round(s.hybrid_seconds * self.cfg.acoustic_rate)))
             head = ar.generate_codes(mulan, semantic, n, Sampling(**{**ar.sampling_defaults(), "guidance": s.guidance}),
-                                     prompt, generator)
+                                     prompt, generator, attributes=attributes)
             prompt = head if prompt is None else torch.cat([prompt, head], -1)
             frames -= n
         C = max(1, s.candidates)
@@ -133,7 +138,7 @@ class MaskedStage(DelayStage):
             score = zscore(self.confidence.view(-1, C))
             if s.rescore_weight > 0:
                 full = out if prompt is None else torch.cat([rep(prompt)[:, : self.hi - self.lo], out], -1)
-                ll = ar.score(rep(mulan), rep(semantic), full).view(-1, C)
+                ll = ar.score(rep(mulan), rep(semantic), full, rep(attributes)).view(-1, C)
                 score = (1 - s.rescore_weight) * score + s.rescore_weight * zscore(ll)
             out = out.view(-1, C, *out.shape[1:])[torch.arange(len(mulan)), score.argmax(1)]
         return out if head is None else torch.cat([head, out], -1)

@@ -89,7 +89,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     conditional and unconditional rows run in one batch and their logits are mixed.
     `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks). `extra` [B, P + N]: a
     side-input id of every position (e.g. the melody), summed into its input by the model. `attrs` [B, A]: each
-    row's attribute ids (tempo, key), `null_attrs` those of the unconditional rows (default: the same).
+    row's attribute ids (tempo, key), `null_attrs` those of the unconditional rows (the stages pass the null ids,
+    as training drops them with the condition; default: the same as `attrs`).
     """
     B, P = prefix.shape
     N = len(levels)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
-from data.attributes import VOCAB as ATTRIBUTE_VOCAB, drop, null_like
+from data.attributes import VOCAB as ATTRIBUTE_VOCAB, for_rows, null_like
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
@@ -42,12 +42,17 @@ class Flattened:
         """Per-position side-input ids of the training sequence, if the kind has one (the melody)."""
         return None
 
+    @property
+    def takes_attributes(self) -> bool:
+        """Does generate() read tempo and key ids (data/attributes.py)? The pipeline hands them only then."""
+        return self.cfg.attribute_input
+
     def row_attributes(self, batch, drop_cond) -> torch.Tensor | None:
-        """Attribute ids [B, 2] of the batch's rows (stages/train.py draws which are hidden), null where the
-        condition is dropped: the unconditional rows of guidance know no tempo or key either."""
-        if not self.cfg.attribute_input or "attrs" not in batch:
+        """Attribute ids [B, 2] of the batch's rows (stages/train.py draws which are hidden; null ids where the
+        batch has none), null where the condition is dropped: guidance's unconditional rows know no tempo or key."""
+        if not self.cfg.attribute_input:
             return None
-        return batch["attrs"] if drop_cond is None else drop(batch["attrs"], drop_cond)
+        return for_rows(batch.get("attrs"), batch["semantic"], drop_cond)
 
 
 class SemanticStage(Flattened):
@@ -106,7 +111,7 @@ class SemanticStage(Flattened):
         prefix_levels = torch.cat([self.cond_levels(), torch.full((prompt.shape[1],), self.semantic_level)])
         levels = torch.full((n,), self.semantic_level)
         extra = self.melody_positions(melody, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n)
-        attrs = attributes if self.cfg.attribute_input else None
+        attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
                         use_cache=use_cache, progress=progress, extra=extra, attrs=attrs,
                         null_attrs=None if attrs is None else null_like(attrs))

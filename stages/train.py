@@ -259,9 +259,6 @@ def warm_start(model: torch.nn.Module, ck, path: str) -> None:
 def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Train (or resume) a stage; `stop_after` ends this run at that step, as a kill would, so a later
     --resume continues the same schedule (useful for time-boxed sessions)."""
-    if cfg.attribute_input and (cfg.kind not in ("semantic", "delay") or cfg.role == "fine"):
-        raise UserError(f"attribute_input is an option of the semantic stage and of delay stages that read MuLan "
-                        f"tokens (this config: kind {cfg.kind}, role {cfg.role}); remove it")
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
     cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")

@@ -9,7 +9,7 @@ import torch
 from common.config import load_config
 from common.errors import UserError
 from data import attributes
-from data.captions import bpm_in_text
+from data.attributes import bpm_in_text
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, load_stage, save_stage
 from stages.delay import DelayStage
@@ -44,6 +44,11 @@ def test_words_give_tempo_and_key():
     assert attributes.key_in_text("F#-minor, fast") == "F# minor" and attributes.key_in_text("in Am, slow") == "A minor"
     assert attributes.key_in_text("in Bb min") == "Bb minor" and attributes.key_in_text("in D-flat major") == "C# major"
     assert attributes.key_in_text("in a minute") is None and attributes.key_in_text("A lonely violin") is None
+    assert attributes.key_in_text("A major hit from the 80s") is None   # the article, not the key
+    assert attributes.key_in_text("a minor detail, in G major") == "G major"
+    assert attributes.key_in_text("In Ab - 101 BPM") == "Ab major" and attributes.key_in_text("In C#m, kit") == "C# minor"
+    assert bpm_in_text("96-bpm groove") == 96 and bpm_in_text("BPM: 128") == 128 and bpm_in_text("tempo 60s pop") is None
+    assert attributes.stated("a dirge at 30 bpm in E minor") == "30 bpm (read as 40: the stages know 40-250), E minor"
     ids = attributes.from_texts(["rock at 160 bpm in E minor", "no tempo, no key"])
     assert ids.tolist() == [[1 + round(np.log(4) / np.log(1.03)), attributes.TEMPO_VOCAB + 1 + 16],
                             list(attributes.NULL)]
@@ -113,6 +118,9 @@ def test_delay_warm_start_begins_as_the_old_model_and_guidance_nulls_the_attribu
     assert (picked[valid] == target[valid]).all()
     other = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0), attributes=told.flip(0))
     assert not torch.equal(other, codes)
+    none = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0))
+    nulls = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0), attributes=attributes.null_like(told))
+    assert torch.equal(none, nulls)   # no attributes = the null ids a training row without them gets
 
 
 def test_attribute_errors_name_the_fix(tmp_path):
@@ -159,6 +167,12 @@ def test_the_pipeline_hands_a_stage_the_attributes_its_prompt_states(tmp_path, m
     assert wav.shape[0] == 2 and seen and seen[0].tolist() == attributes.from_texts(
         ["a waltz at 90 bpm in F minor", "no numbers here"]).tolist()
     assert seen[0][1].tolist() == list(attributes.NULL)
+    # a story: a tempo stated once holds until restated, a key likewise
+    seen.clear()
+    pipe.generate(story=[("a waltz at 90 bpm", 0.0), ("now in F minor", 0.5)], duration=3.0,
+                  options=GenerationOptions(seed=0))
+    held = attributes.from_texts(["a waltz at 90 bpm in F minor"])
+    assert any(a is not None and a.tolist() == held.tolist() for a in seen), seen
 
 
 def test_the_command_line_says_what_the_prompt_states(tmp_path, monkeypatch, capsys):
