@@ -172,10 +172,11 @@ class Pipeline:
         g = torch.Generator().manual_seed(o.seed)
         t0 = time.perf_counter()
         if story:   # one song whose condition changes over time; a tempo or key stated once holds until restated
-            conds, held = [], attributes_from_texts([""])
+            conds, none = [], attributes_from_texts([""])
+            held = none
             for text, start in story:
                 said = attributes_from_texts([text])
-                held = torch.where(said == attributes_from_texts([""]), held, said)
+                held = torch.where(said == none, held, said)
                 conds.append((start, self.mulan.tokens(self.mulan.embed_text([text])), held))
         else:
             conds = [(0.0, self.mulan.tokens(self.mulan.embed_text(list(texts))), attributes_from_texts(list(texts)))]

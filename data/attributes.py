@@ -19,12 +19,13 @@ import re
 
 import torch
 
+from data.render import PITCH_NAMES as PITCHES   # the corpus's spelling of the twelve tonics
+
 TEMPO_LOW, TEMPO_STEP, TEMPO_BINS = 40.0, 1.03, 63        # 40 .. ~250 bpm in 3% steps (the tempo check allows 4%)
 TEMPO_VOCAB = 1 + TEMPO_BINS
 KEY_VOCAB = 1 + 24
 VOCAB = TEMPO_VOCAB + KEY_VOCAB
 NULL = (0, TEMPO_VOCAB)
-PITCHES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 ALIASES = {"Db": "C#", "D#": "Eb", "Gb": "F#", "G#": "Ab", "A#": "Bb", "Cb": "B", "Fb": "E", "E#": "F", "B#": "C"}
 _ACCIDENTAL = r"(#|♯|b|♭|-sharp|-flat| sharp| flat)?"
 _TONIC = r"(?<![A-Za-z])(?-i:([A-G]))"   # a capital letter, whatever the case of the words around it

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
-ALIASES = {"Db": "C#", "D#": "Eb", "Gb": "F#", "G#": "Ab", "A#": "Bb", "Cb": "B", "Fb": "E", "E#": "F", "B#": "C"}
+from data.attributes import ALIASES, PITCHES as NAMES   # one spelling of the keys for prompts and scores
+
 MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 OCTAVE_FACTORS = (1.0, 2.0, 0.5, 3.0, 1 / 3)

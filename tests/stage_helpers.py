@@ -37,6 +37,18 @@ def make_cache(root: Path, clips: int = 24, seconds: float = 2.0, mulan=(3, 8), 
     return root
 
 
+def delay_config(tmp_path: Path, out: str, *extra: str, make=make_cache):
+    """A debug delay-stage config for 6 steps on the cache at tmp_path/cache (built by `make` the first time)."""
+    from common.config import load_config
+    from stages.base import StageConfig
+    from tests.helpers import ROOT
+    cache = tmp_path / "cache"
+    if not cache.exists():
+        make(cache)
+    over = [f"cache={cache}", f"out={tmp_path / out}", "steps=6", "eval_every=6", "ckpt_every=6", *extra]
+    return load_config(StageConfig, ROOT / "configs/debug/delay.yaml", over)
+
+
 def damage_cache(root: Path, damage: str) -> None:
     """Break a token cache one of three ways: "index" (not JSON), "missing" (an array gone), "short" (an array
     with fewer rows than the index has clips)."""

@@ -16,6 +16,7 @@ from stages.delay import DelayStage
 from stages.sampling import Sampling, cfg_mix
 from stages.train import check_init, train, warm_start
 from tests.helpers import ROOT, assert_clean_error, run_module
+from tests import stage_helpers
 from tests.stage_helpers import make_cache
 
 TEMPOS = (60, 90, 120)   # the debug cache's semantic cycle steps 1, 2, 3 follow these, not the MuLan tokens
@@ -85,11 +86,7 @@ def test_semantic_stage_learns_the_tempo_it_is_told(tmp_path):
 
 
 def delay_config(tmp_path, out, *extra):
-    cache = tmp_path / "cache"
-    if not cache.exists():
-        attribute_cache(cache)
-    over = [f"cache={cache}", f"out={tmp_path / out}", "steps=6", "eval_every=6", "ckpt_every=6", *extra]
-    return load_config(StageConfig, ROOT / "configs/debug/delay.yaml", over)
+    return stage_helpers.delay_config(tmp_path, out, *extra, make=attribute_cache)
 
 
 def test_delay_warm_start_begins_as_the_old_model_and_guidance_nulls_the_attributes(tmp_path):

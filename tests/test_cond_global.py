@@ -13,20 +13,12 @@ from stages.delay import DelayStage, frame_rate_ids
 from stages.sampling import Sampling, cfg_mix
 from stages.train import check_init, train, warm_start
 from tests.helpers import ROOT
-from tests.stage_helpers import make_cache
-
-
-def config(tmp_path, out, *extra):
-    cache = tmp_path / "cache"
-    if not cache.exists():
-        make_cache(cache)
-    over = [f"cache={cache}", f"out={tmp_path / out}", "steps=6", "eval_every=6", "ckpt_every=6", *extra]
-    return load_config(StageConfig, ROOT / "configs/debug/delay.yaml", over)
+from tests.stage_helpers import delay_config, make_cache
 
 
 def test_warm_start_begins_as_the_old_model_and_the_global_path_reaches_every_frame(tmp_path):
-    plain = load_stage(train(config(tmp_path, "plain")), "coarse")
-    cfg = config(tmp_path, "global", "cond_global=true", f"init={tmp_path / 'plain/model'}")
+    plain = load_stage(train(delay_config(tmp_path, "plain")), "coarse")
+    cfg = delay_config(tmp_path, "global", "cond_global=true", f"init={tmp_path / 'plain/model'}")
     stage = DelayStage(cfg)
     warm_start(stage.model, check_init(cfg), cfg.init)
     stage.model.eval()
@@ -43,7 +35,7 @@ def test_warm_start_begins_as_the_old_model_and_the_global_path_reaches_every_fr
 
 
 def test_decoding_with_guidance_agrees_with_the_teacher_forced_model(tmp_path):
-    stage = load_stage(train(config(tmp_path, "g", "cond_global=true", "cond_dropout=0.3")), "coarse")
+    stage = load_stage(train(delay_config(tmp_path, "g", "cond_global=true", "cond_dropout=0.3")), "coarse")
     torch.nn.init.normal_(stage.model.cond_global.weight, std=0.5)   # make the global path matter
     mulan = torch.tensor([[1, 2, 3], [5, 0, 7]])
     semantic = torch.randint(0, 16, (2, 10))
@@ -63,15 +55,15 @@ def test_decoding_with_guidance_agrees_with_the_teacher_forced_model(tmp_path):
 
 def test_cond_global_and_init_errors_name_the_fix(tmp_path):
     with pytest.raises(UserError, match="cond_global is an option"):
-        train(config(tmp_path, "f", "role=fine", "cond_global=true"))
+        train(delay_config(tmp_path, "f", "role=fine", "cond_global=true"))
     with pytest.raises(UserError, match="no checkpoint there"):
-        train(config(tmp_path, "a", f"init={tmp_path / 'nowhere'}"))
-    fine = train(config(tmp_path, "fine", "role=fine"))
+        train(delay_config(tmp_path, "a", f"init={tmp_path / 'nowhere'}"))
+    fine = train(delay_config(tmp_path, "fine", "role=fine"))
     with pytest.raises(UserError, match="same kind and role"):
-        train(config(tmp_path, "b", f"init={fine}"))
-    coarse = train(config(tmp_path, "coarse"))
+        train(delay_config(tmp_path, "b", f"init={fine}"))
+    coarse = train(delay_config(tmp_path, "coarse"))
     with pytest.raises(UserError, match="does not fit"):
-        train(config(tmp_path, "c", f"init={coarse}", "dim=64"))
+        train(delay_config(tmp_path, "c", f"init={coarse}", "dim=64"))
     for out in "fabc":
         assert not (tmp_path / out).exists()
     assert load_checkpoint(coarse).config["kind"] == "delay"
