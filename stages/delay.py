@@ -22,7 +22,7 @@ import torch
 from data.attributes import VOCAB as ATTRIBUTE_VOCAB, for_rows, null_like
 from stages.base import StageConfig
 from stages.frames import FrameModel, frame_rate_ids, level_losses
-from stages.sampling import Sampling, cfg_mix, sample
+from stages.sampling import Sampling, guide, guided_rows, sample
 from stages.transformer import run_blocks
 
 
@@ -157,13 +157,14 @@ class DelayStage:
     def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None,
                attrs=None):
         """Fill the -1 cells of codes [B, K, T] step by step; cells >= 0 are kept (a prompt). With guidance,
-        conditional and null rows (null attributes too) run as one batch and their logits are mixed."""
+        conditional and null rows (null attributes too) run as one batch and their logits are mixed; with
+        s.attribute_guidance, so do the conditional rows with null attributes (stages.sampling.guide)."""
         model, (B, K, T) = self.model, codes.shape
-        guided = null is not None and s.guidance != 1.0
-        both = lambda x: None if x is None else (torch.cat([x, x]) if guided else x)  # noqa: E731
-        rows = torch.cat([cond, null]) if guided else cond
-        if attrs is not None and guided:
-            attrs = torch.cat([attrs, null_like(attrs)])
+        G = guided_rows(s, null is not None, attrs)   # row groups: cond (, null (, cond with null attributes))
+        both = lambda x: None if x is None else torch.cat([x] * G)  # noqa: E731
+        rows = torch.cat([cond, null, cond][:G])
+        if attrs is not None and G > 1:
+            attrs = torch.cat([attrs, null_like(attrs), null_like(attrs)][:G])
         semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows, attrs)
         if semantic is not None and semantic.shape[1] == 1:   # cond_global without semantic ids: every step
             semantic = semantic.expand(-1, T + K - 1, -1)
@@ -197,8 +198,8 @@ class DelayStage:
                 seq = torch.cat([seq, x], 1)
                 h = run_blocks(model.blocks, seq, model.heads)[:, -1:]
             logits = model.logits(h)[:, -1]                      # [rows, K, V]
-            if guided:
-                logits = cfg_mix(logits[:B], logits[B:], s.guidance)
+            if G > 1:
+                logits = guide(logits, B, s)
             for k in range(K):
                 t = step - k
                 if 0 <= t < T and (codes[:, k, t] < 0).any():

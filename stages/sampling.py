@@ -14,6 +14,7 @@ class Sampling:
     top_k: int | list = 0          # 0: off
     top_p: float | list = 1.0      # 1.0: off
     guidance: float = 1.0          # classifier-free guidance scale; 1.0: off
+    attribute_guidance: float = 0.0   # attribute stages: extra push toward the stated tempo and key (see `guide`)
     # masked (MAGNeT) decoding only
     steps: int | list = 10         # decoding steps per level (the paper: [20, 10, 10, 10])
     guidance_end: float | None = None   # anneal guidance to this as the mask empties (the paper: 10 -> 1)
@@ -67,6 +68,25 @@ def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Ten
     return uncond + scale * (cond - uncond)
 
 
+def guide(logits: torch.Tensor, B: int, s: Sampling) -> torch.Tensor:
+    """Mix the logits of guided rows [G * B, ...] -> [B, ...]. G = 2: [cond; uncond], classifier-free guidance.
+    G = 3: [cond; uncond; cond with null attribute ids], and the attribute term is added on top (separate scales
+    per condition, as multi-condition guidance does):  uncond + g * (cond - uncond) + a * (cond - cond_no_attrs)."""
+    out = cfg_mix(logits[:B], logits[B:2 * B], s.guidance)
+    if logits.shape[0] > 2 * B:
+        out = out + s.attribute_guidance * (logits[:B] - logits[2 * B:])
+    return out
+
+
+def guided_rows(s: Sampling, has_null: bool, attrs: torch.Tensor | None) -> int:
+    """How many row groups guidance needs: 1 (none), 2 (cond, uncond) or 3 (+ cond with null attributes)."""
+    if not has_null:
+        return 1
+    if attrs is not None and s.attribute_guidance != 0.0:
+        return 3
+    return 2 if s.guidance != 1.0 else 1
+
+
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> ids [B]; temperature 0 means greedy."""
     if s.temperature <= 0:
@@ -90,20 +110,23 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     `use_cache=False` recomputes the whole sequence each step (for tests/benchmarks). `extra` [B, P + N]: a
     side-input id of every position (e.g. the melody), summed into its input by the model. `attrs` [B, A]: each
     row's attribute ids (tempo, key), `null_attrs` those of the unconditional rows (the stages pass the null ids,
-    as training drops them with the condition; default: the same as `attrs`).
+    as training drops them with the condition; default: the same as `attrs`); with s.attribute_guidance a third
+    group of rows, the condition with `null_attrs`, runs beside them (see `guide`).
     """
     B, P = prefix.shape
     N = len(levels)
-    guided = null_prefix is not None and s.guidance != 1.0
-    seq = torch.cat([prefix, null_prefix]) if guided else prefix
+    G = guided_rows(s, null_prefix is not None, attrs)
+    guided = G > 1
+    seq = torch.cat([prefix, null_prefix, prefix][:G])
     all_levels = torch.cat([prefix_levels, levels])
     forced = forced if forced is not None else torch.full((B, N), -1, dtype=torch.long)
     known = forced >= 0
     everywhere = known.all(0).tolist()   # positions copied in every row need no logits
     first = int(levels.min()) if N else 0   # per-level knobs count from the first generated level
-    side = lambda a, b: None if extra is None else (torch.cat([extra[:, a:b]] * 2) if guided else extra[:, a:b])  # noqa: E731
+    side = lambda a, b: None if extra is None else torch.cat([extra[:, a:b]] * G)  # noqa: E731
     if attrs is not None and guided:
-        attrs = torch.cat([attrs, attrs if null_attrs is None else null_attrs])
+        null_attrs = attrs if null_attrs is None else null_attrs
+        attrs = torch.cat([attrs, null_attrs, null_attrs][:G])
     cache = model.new_cache() if use_cache else None
     h = model.hidden(seq, prefix_levels, 0, cache, side(0, P), attrs)[:, -1]
     out = torch.zeros(B, N, dtype=torch.long)
@@ -114,7 +137,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
         else:
             logits = model.logits(h, int(levels[i]))
             if guided:
-                logits = cfg_mix(logits[:B], logits[B:], s.guidance)
+                logits = guide(logits, B, s)
             out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s.at_level(int(levels[i]) - first), generator))
         j = i + 1
         while j < N and everywhere[j]:   # copy the forced run that follows and feed it with token i
@@ -124,7 +147,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
             progress.update(j - i)
         if j == N:
             break
-        chunk = torch.cat([out[:, i:j], out[:, i:j]]) if guided else out[:, i:j]
+        chunk = torch.cat([out[:, i:j]] * G)
         if use_cache:
             h = model.hidden(chunk, levels[i:j], P + i, cache, side(P + i, P + j), attrs)[:, -1]
         else:

@@ -78,6 +78,15 @@ def test_semantic_stage_learns_the_tempo_it_is_told(tmp_path):
     ids = stage.generate(mulan, 20, Sampling(temperature=0.5, guidance=3.0), generator=g(),
                          attributes=attributes.ids(torch.tensor([[120, 0]] * 6)))
     assert step_share(ids, 3) > 0.8
+    # attribute guidance (the delay test below replays its arithmetic) acts where a tempo is stated, also without
+    # text guidance (g = 1: three row groups), and a prompt that states nothing gets the same ids as without it
+    told = attributes.ids(torch.tensor([[60, 0]] * 6))
+    plain, pushed = (stage.generate(mulan, 20, Sampling(temperature=0.5, attribute_guidance=a), generator=g(),
+                                    attributes=told) for a in (0.0, 2.0))
+    assert not torch.equal(plain, pushed)
+    plain, pushed = (stage.generate(mulan, 20, Sampling(temperature=0.5, guidance=2.0, attribute_guidance=a),
+                                    generator=g()) for a in (0.0, 3.0))
+    assert torch.equal(plain, pushed)
     # the conditioning signal: the true attributes carry the step, alone and on top of the MuLan tokens
     from evaluation.conditioning import signal
     res = signal(stage, cache, np.arange(24), 0.2, batch=12)
@@ -113,6 +122,15 @@ def test_delay_warm_start_begins_as_the_old_model_and_guidance_nulls_the_attribu
     picked = cfg_mix(cond, null, 3.0).argmax(-1).permute(0, 2, 1)
     valid = target != stage.model.empty
     assert (picked[valid] == target[valid]).all()
+    # attribute guidance: a third group, the conditional rows with null attributes, pushed away from
+    pushed = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0, attribute_guidance=2.0), attributes=told)
+    target, inputs = stage.teacher_forced(pushed)
+    with torch.no_grad():
+        cond, null, bare = (stage.model(c, inputs, sem, attrs=a) for c, a in (
+            (mulan, told), (stage.cond(mulan, torch.ones(2, dtype=torch.bool)), attributes.null_like(told)),
+            (mulan, attributes.null_like(told))))
+    picked = (cfg_mix(cond, null, 3.0) + 2.0 * (cond - bare)).argmax(-1).permute(0, 2, 1)
+    assert (picked[valid] == target[valid]).all() and not torch.equal(pushed, codes)
     other = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0), attributes=told.flip(0))
     assert not torch.equal(other, codes)
     none = stage.generate(mulan, semantic, 20, Sampling(top_k=1, guidance=3.0))
