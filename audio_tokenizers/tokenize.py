@@ -94,9 +94,13 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
     if (out / "index.json").is_file():   # appending: the same tokenizers, and a cache that is whole
         existing = TokenCache(out)
         old = existing.index
-        if old["tokenizer_hashes"] != hashes:
-            raise UserError(f"{out} was made by other tokenizers ({old['tokenizer_hashes']} vs {hashes}); "
+        made_by = old["tokenizer_hashes"]
+        # a MuLan whose text tower was retrained on the locked audio tower makes the same audio tokens
+        if any(made_by[k] != hashes[k] for k in ("acoustic", "semantic")) or \
+                made_by["mulan"] not in mulan_audio_hashes(paths["mulan"] or "pretrained/mulan"):
+            raise UserError(f"{out} was made by other tokenizers ({made_by} vs {hashes}); "
                             "use a new --out folder")
+        hashes = made_by
         for name, flag in (("mulan_text", "--text-only"), ("melody", "--melody-only"),
                            ("attributes", "--attributes-only")):
             if name not in existing.arrays:

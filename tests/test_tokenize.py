@@ -57,6 +57,25 @@ def test_cache_refuses_other_tokenizers(parts, tmp_path):
     assert TokenCache(tmp_path / "cache").arrays["semantic"].shape[0] == 4  # untouched
 
 
+def test_append_accepts_a_mulan_retrained_on_the_locked_audio_tower(parts, tmp_path):
+    import shutil
+
+    from data.tokenize import checkpoint_hash
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", paths(parts), seconds=1.0)
+    made_by = TokenCache(tmp_path / "cache").index["tokenizer_hashes"]
+    for name, locked in (("lit", checkpoint_hash(parts / "mulan")), ("other", "0123456789abcdef")):
+        shutil.copytree(parts / "mulan", tmp_path / name)   # stands in for a LiT run: it names the MuLan it locked
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg["config"]["locked_audio_hash"] = locked
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", dict(paths(parts), mulan=str(tmp_path / "lit")), seconds=1.0)
+    cache = TokenCache(tmp_path / "cache")
+    assert cache.arrays["mulan"].shape[0] == 8 and cache.index["tokenizer_hashes"] == made_by
+    assert (cache.arrays["mulan"][:4] == cache.arrays["mulan"][4:]).all()   # the same audio tokens
+    with pytest.raises(UserError, match="made by other tokenizers"):
+        tokenize([parts / "m.jsonl"], tmp_path / "cache", dict(paths(parts), mulan=str(tmp_path / "other")), seconds=1.0)
+
+
 def test_command_line(parts, tmp_path):
     p = paths(parts)
     proc = run_module("data.tokenize", "--manifest", str(parts / "m.jsonl"), "--out", str(tmp_path / "c"),
