@@ -88,6 +88,29 @@ def _name(m: re.Match, mode: str) -> str:
     return f"{ALIASES.get(tonic, tonic)} {mode}"
 
 
+BEAT_BINS = 8                # phase of the beat in eighths
+BEAT_VOCAB = 1 + BEAT_BINS   # 0: no tempo stated, no grid
+
+
+def tempo_bpm(tempo_ids: torch.Tensor) -> torch.Tensor:
+    """Tempo ids [B] -> the bpm at each bin's centre [B] (0 where the id is none)."""
+    bpm = TEMPO_LOW * TEMPO_STEP ** (tempo_ids.double() - 1)
+    return torch.where(tempo_ids > 0, bpm, torch.zeros_like(bpm))
+
+
+def beat_grid(attrs: torch.Tensor, frames: int, rate: float) -> torch.Tensor:
+    """A beat clock from each row's tempo id: ids [B, 2] -> [B, frames] beat-phase ids, frame t (at `rate` Hz) in
+    bin 1 + floor(BEAT_BINS * frac(t / rate * bpm / 60)), 0 for every frame of a row whose tempo is none.
+
+        120 bpm at 25 Hz (12.5 frames a beat):  1 1 2 2 3 4 4 5 5 6 7 7 8 1 1 2 ...
+
+    Frames one beat apart share an id: a stage that sums these into its frames need not find the period itself.
+    The phase starts at the window's first frame (the corpus windows start on a note onset)."""
+    beats = torch.arange(frames, dtype=torch.float64)[None] / rate * tempo_bpm(attrs[:, 0])[:, None] / 60
+    phase = 1 + (beats.frac() * BEAT_BINS).long().clamp(max=BEAT_BINS - 1)
+    return torch.where(attrs[:, :1] > 0, phase, torch.zeros_like(phase)).to(attrs.device)
+
+
 def ids(raw: torch.Tensor) -> torch.Tensor:
     """raw [B, 2] (bpm, key index) -> ids [B, 2] in the one table (unknowns -> the null ids)."""
     bpm, key = raw[:, 0].double(), raw[:, 1].long()

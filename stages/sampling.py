@@ -100,7 +100,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
              s: Sampling = Sampling(), forced: torch.Tensor | None = None, null_prefix: torch.Tensor | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
              extra: torch.Tensor | None = None, attrs: torch.Tensor | None = None,
-             null_attrs: torch.Tensor | None = None) -> torch.Tensor:
+             null_attrs: torch.Tensor | None = None, null_extra: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prefix` [B, P] with len(levels) tokens of the given levels -> [B, len(levels)].
 
     `forced` [B, N] gives tokens to copy instead of sampling where >= 0 (e.g. known coarse
@@ -111,7 +111,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     side-input id of every position (e.g. the melody), summed into its input by the model. `attrs` [B, A]: each
     row's attribute ids (tempo, key), `null_attrs` those of the unconditional rows (the stages pass the null ids,
     as training drops them with the condition; default: the same as `attrs`); with s.attribute_guidance a third
-    group of rows, the condition with `null_attrs`, runs beside them (see `guide`).
+    group of rows, the condition with `null_attrs`, runs beside them (see `guide`). `null_extra`: the side input
+    of the rows with `null_attrs` where it differs (the beat clock follows the tempo attribute; default `extra`).
     """
     B, P = prefix.shape
     N = len(levels)
@@ -123,7 +124,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     known = forced >= 0
     everywhere = known.all(0).tolist()   # positions copied in every row need no logits
     first = int(levels.min()) if N else 0   # per-level knobs count from the first generated level
-    side = lambda a, b: None if extra is None else torch.cat([extra[:, a:b]] * G)  # noqa: E731
+    groups = [extra] + [extra if null_extra is None else null_extra] * 2   # cond, uncond, cond without attributes
+    side = lambda a, b: None if extra is None else torch.cat([x[:, a:b] for x in groups[:G]])  # noqa: E731
     if attrs is not None and guided:
         null_attrs = attrs if null_attrs is None else null_attrs
         attrs = torch.cat([attrs, null_attrs, null_attrs][:G])

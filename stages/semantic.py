@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
-from data.attributes import VOCAB as ATTRIBUTE_VOCAB, for_rows, null_like
+from data.attributes import BEAT_VOCAB, VOCAB as ATTRIBUTE_VOCAB, beat_grid, for_rows, null_like
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
@@ -34,12 +34,13 @@ class Flattened:
     def loss(self, batch, drop_cond, model=None) -> dict:
         device = self.model.offsets.device
         tokens, levels, predict = (t.to(device) for t in self.training_sequence(batch, drop_cond))
-        extra, attrs = self.side_input(batch), self.row_attributes(batch, drop_cond)
+        attrs = self.row_attributes(batch, drop_cond)
+        extra = self.side_input(batch, attrs)
         return (model or self.model)(tokens, levels, predict, None if extra is None else extra.to(device),
                                      None if attrs is None else attrs.to(device))
 
-    def side_input(self, batch) -> torch.Tensor | None:
-        """Per-position side-input ids of the training sequence, if the kind has one (the melody)."""
+    def side_input(self, batch, attrs: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-position side-input ids of the training sequence, if the kind has one (the melody, the beat clock)."""
         return None
 
     @property
@@ -64,23 +65,30 @@ class SemanticStage(Flattened):
         self.model = Transformer(ModelShape(sizes, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
                                             MELODY_VOCAB if cfg.melody_input else 0,
                                             cfg.mulan_levels if cfg.mulan_vector_dim else 0, cfg.mulan_vector_dim,
-                                            ATTRIBUTE_VOCAB if cfg.attribute_input else 0))
+                                            ATTRIBUTE_VOCAB if cfg.attribute_input else 0,
+                                            BEAT_VOCAB if cfg.beat_input else 0))
         self.semantic_level = cfg.mulan_levels
 
-    def melody_positions(self, melody: torch.Tensor | None, B: int, prefix: int, n: int) -> torch.Tensor | None:
-        """Melody ids [B, n] of the ids to predict -> side input of every position [B, prefix + n]: the position
-        that predicts id t carries melody t (so the one before it, a condition token for the first)."""
-        if not self.cfg.melody_input:
+    def side_positions(self, melody: torch.Tensor | None, attrs: torch.Tensor | None, B: int, prefix: int,
+                       n: int) -> torch.Tensor | None:
+        """The side input of every position [B, prefix + n] (or [B, prefix + n, 2] with the beat clock) for n
+        semantic ids after `prefix` condition tokens: the position that predicts id t carries frame t's melody id
+        [B, n] and beat-clock id (from `attrs` [B, 2], data.attributes.beat_grid), so the one before it does, a
+        condition token for the first."""
+        def positions(ids: torch.Tensor, none: int) -> torch.Tensor:
+            pad = torch.full((B, prefix - 1), none, dtype=torch.long)
+            return torch.cat([pad, ids[:, :n], torch.full((B, 1), none, dtype=torch.long)], 1)
+        if not (self.cfg.melody_input or self.cfg.beat_input):
             return None
-        m = melody if melody is not None else torch.full((B, n), NO_MELODY, dtype=torch.long)
-        pad = torch.full((B, prefix - 1), NO_MELODY, dtype=torch.long)
-        return torch.cat([pad, m[:, :n], torch.full((B, 1), NO_MELODY, dtype=torch.long)], 1)
+        m = melody if melody is not None and self.cfg.melody_input else torch.full((B, n), NO_MELODY, dtype=torch.long)
+        if not self.cfg.beat_input:
+            return positions(m, NO_MELODY)
+        beats = beat_grid(for_rows(attrs, m).cpu(), n, self.cfg.semantic_rate)
+        return torch.stack([positions(m, NO_MELODY), positions(beats, 0)], -1)
 
-    def side_input(self, batch) -> torch.Tensor | None:
-        if not self.cfg.melody_input:
-            return None
+    def side_input(self, batch, attrs: torch.Tensor | None) -> torch.Tensor | None:
         s = batch["semantic"]
-        return self.melody_positions(batch.get("melody"), len(s), self.cfg.mulan_levels, s.shape[1])
+        return self.side_positions(batch.get("melody"), attrs, len(s), self.cfg.mulan_levels, s.shape[1])
 
     def level_names(self) -> list[str]:
         return [f"mulan{q}" for q in range(self.cfg.mulan_levels)] + ["semantic"]
@@ -110,11 +118,13 @@ class SemanticStage(Flattened):
         null = torch.cat([self.cond(mulan, torch.ones(len(mulan), dtype=torch.bool)), prompt], 1)
         prefix_levels = torch.cat([self.cond_levels(), torch.full((prompt.shape[1],), self.semantic_level)])
         levels = torch.full((n,), self.semantic_level)
-        extra = self.melody_positions(melody, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n)
         attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
+        null_attrs = None if attrs is None else null_like(attrs)
+        extra, null_extra = (self.side_positions(melody, a, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n)
+                             for a in (attrs, null_attrs))   # guidance's rows without attributes have no beat clock
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
-                        use_cache=use_cache, progress=progress, extra=extra, attrs=attrs,
-                        null_attrs=None if attrs is None else null_like(attrs))
+                        use_cache=use_cache, progress=progress, extra=extra, attrs=attrs, null_attrs=null_attrs,
+                        null_extra=null_extra)
 
 
 if __name__ == "__main__":

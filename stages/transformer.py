@@ -30,6 +30,7 @@ class ModelShape:
     cond_levels: int = 0     # > 0 with cond_dim: the first cond_levels levels are embedded by fixed code vectors
     cond_dim: int = 0        # (the MuLan RVQ's, in `cond_vectors`) through one learned linear map
     attribute_vocab: int = 0  # > 0: a few ids per row (tempo, key: data/attributes.py), summed into every position
+    beat_vocab: int = 0      # > 0: a second side input, one id per position (the semantic stage's beat clock)
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,12 +121,14 @@ class Transformer(nn.Module):
             self.register_buffer("cond_vectors", torch.zeros(shape.cond_levels, shape.level_sizes[0], shape.cond_dim))
             self.cond_proj = nn.Linear(shape.cond_dim, shape.dim)
         self.attributes = nn.Embedding(shape.attribute_vocab, shape.dim) if shape.attribute_vocab else None
+        self.beats = nn.Embedding(shape.beat_vocab, shape.dim) if shape.beat_vocab else None
         self.blocks = nn.ModuleList(Block(shape.dim, shape.heads, shape.dropout) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)
         self.head = nn.Linear(shape.dim, int(sizes.sum()), bias=False)  # sliced per level
         self.apply(self._init)
-        if self.attributes is not None:
-            nn.init.zeros_(self.attributes.weight)   # a warm start from a model without them begins as that model
+        for table in (self.attributes, self.beats):   # a warm start from a model without them begins as that model
+            if table is not None:
+                nn.init.zeros_(table.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -139,13 +142,17 @@ class Transformer(nn.Module):
                attrs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, L] (ids within their level), levels [L] -> hidden states [B, L, D].
         `start` is the position of tokens[:, 0]; `cache` (one dict per block) makes calls incremental;
-        `extra` [B, L] side-input ids (shape.extra_vocab > 0), summed into the inputs; `attrs` [B, A] attribute
+        `extra` [B, L] side-input ids (shape.extra_vocab > 0), or [B, L, 2] with a model that also has beat_vocab
+        (channel 0 for the extra table, 1 for the beat table), summed into the inputs; `attrs` [B, A] attribute
         ids of each row (shape.attribute_vocab > 0), their embeddings summed into every position."""
         x = self.embed(tokens + self.offsets[levels])
         if self.cond_proj is not None:
             x = self.vector_condition(x, tokens, levels)
-        if self.extra is not None and extra is not None:
-            x = x + self.extra(extra)
+        if extra is not None:
+            side = extra if extra.dim() == 3 else extra[..., None]
+            for c, table in enumerate((self.extra, self.beats)[: side.shape[-1]]):
+                if table is not None:
+                    x = x + table(side[..., c])
         if self.attributes is not None and attrs is not None:
             x = x + self.attributes(attrs).sum(1, keepdim=True)
         return self.norm(run_blocks(self.blocks, x, self.shape.heads, start, cache))

@@ -203,3 +203,30 @@ def test_the_command_line_says_what_the_prompt_states(tmp_path, monkeypatch, cap
     code, out, _ = cli(monkeypatch, capsys, "--text", "a waltz", "--duration", "1", "--out", tmp_path / "b.wav",
                        "--quiet", *stage_args(parts))   # stages without attribute_input: nothing to say
     assert code == 0 and "the prompt states" not in out
+
+
+def test_a_semantic_stage_with_the_beat_clock_keeps_time(tmp_path):
+    """beat_input: a clock at the row's tempo summed into every frame. On ids that ARE the clock (each clip's beat
+    phase at its own tempo), a tiny stage learns to keep it at each tempo it is told; no tempo, no clock."""
+    root = tmp_path / "cache"
+    make_cache(root, seconds=1.0)   # one window per clip: the clock starts with the clip
+    n = np.load(root / "semantic.npy").shape[0]
+    raw = torch.tensor([[TEMPOS[i % 3], 0] for i in range(n)])
+    np.save(root / "semantic.npy", attributes.beat_grid(attributes.ids(raw), 25, 25.0).numpy().astype(np.int16))
+    np.save(root / "attributes.npy", raw.numpy().astype(np.int16))
+    over = [f"cache={root}", f"out={tmp_path / 's'}", "steps=120", "eval_every=120", "ckpt_every=120", "lr=0.01",
+            "warmup=5", "attribute_input=true", "attribute_dropout=0.1", "beat_input=true"]
+    stage = load_stage(train(load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", over)))
+    mulan = torch.as_tensor(np.load(root / "mulan.npy")[:4].astype(np.int64))
+    for bpm in (60, 120):
+        told = attributes.ids(torch.tensor([[bpm, 0]] * 4))
+        # plain, and guided (its rows without attributes run without the clock: extrapolating past them costs a
+        # few frames on this toy)
+        for s, share in ((Sampling(temperature=0.5), 0.95), (Sampling(temperature=0.5, guidance=2.0,
+                                                                      attribute_guidance=1.0), 0.75)):
+            ids = stage.generate(mulan, 25, s, generator=torch.Generator().manual_seed(0), attributes=told)
+            assert float((ids == attributes.beat_grid(told, 25, 25.0)).float().mean()) > share, (bpm, s, ids)
+    side = stage.side_positions(None, attributes.null_like(mulan), 4, 3, 25)
+    assert side.shape == (4, 28, 2) and (side[..., 1] == 0).all()
+    with pytest.raises(Exception, match="beat_input"):
+        load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["beat_input=true"])

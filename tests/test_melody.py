@@ -42,7 +42,7 @@ def test_semantic_stage_follows_a_melody(tmp_path):
     assert follows(led) > follows(free) + 0.2, (follows(led), follows(free))
     valid = [json.loads(l)["valid"] for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"valid"' in l]
     assert valid[-1]["loss/with_melody"] < valid[-1]["loss"] - 0.1, valid[-1]   # held-out loss without / with the tune
-    none = stage.melody_positions(None, 2, 3, 4)
+    none = stage.side_positions(None, None, 2, 3, 4)
     assert none.shape == (2, 7) and (none == NONE).all()
 
 
