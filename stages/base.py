@@ -69,8 +69,8 @@ class StageConfig(RunConfig):
     attribute_input: bool = False     # semantic and delay kinds: tempo and key ids (data/attributes.py) summed into
                                       # every position; from the clip's metadata in training, the prompt's words at inference
     attribute_dropout: float = 0.5    # the chance each attribute of a training row is hidden (prompts that state neither)
-    beat_input: bool = False          # semantic stage with attribute_input: sum a beat clock at the row's tempo into
-                                      # every frame (data.attributes.beat_grid)
+    beat_input: bool = False          # with attribute_input: sum a beat clock at the row's tempo into every frame
+                                      # (data.attributes.beat_grid)
     init: str = ""                    # start from this checkpoint's weights (a new module keeps its fresh init)
     # training (the run fields: common.training.RunConfig)
     cache: str = "cache/corpus"
@@ -98,10 +98,9 @@ class StageConfig(RunConfig):
         if self.attribute_input and (self.kind not in ("semantic", "delay") or self.role == "fine"):
             raise ConfigError(f"attribute_input is an option of the semantic stage and of delay stages that read "
                               f"MuLan tokens (this config: kind {self.kind}, role {self.role or 'implied'}); remove it")
-        if self.beat_input and (self.kind != "semantic" or not self.attribute_input):
-            raise ConfigError("beat_input is an option of the semantic stage with attribute_input=true (the clock "
-                              f"runs at the tempo attribute; this config: kind {self.kind}, attribute_input "
-                              f"{self.attribute_input}); set both or remove it")
+        if self.beat_input and not self.attribute_input:
+            raise ConfigError("beat_input needs attribute_input=true (the clock runs at the tempo attribute); set both "
+                              "or remove it")
 
 
 for _name in ("semantic", "coarse", "fine", "delay", "masked"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from data.attributes import BEAT_VOCAB, beat_grid
 from stages.transformer import Block, run_blocks
 
 
@@ -33,7 +34,8 @@ class FrameModel(nn.Module):
 
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
                  known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
-                 tie: bool = False, cond_dim: int = 0, cond_global: bool = False, attribute_vocab: int = 0):
+                 tie: bool = False, cond_dim: int = 0, cond_global: bool = False, attribute_vocab: int = 0,
+                 beat_rate: float = 0.0):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
@@ -51,6 +53,10 @@ class FrameModel(nn.Module):
         self.cond_global = nn.Linear(cond_dim or dim, dim) if cond_global and cond_levels else None
         # attribute_input: tempo and key ids (data/attributes.py) of the row, summed into every frame
         self.attributes = nn.Embedding(attribute_vocab, dim) if attribute_vocab else None
+        # beat_rate (frames a second): a clock at the row's tempo attribute, summed into every frame
+        # (data.attributes.beat_grid)
+        self.beat_rate = beat_rate
+        self.beats = nn.Embedding(BEAT_VOCAB, dim) if beat_rate and attribute_vocab else None
         self.semantic = nn.Embedding(semantic_codebook, dim) if semantic_codebook else None
         # with semantic_context c, each frame also sees the ids of the c frames either side (a convolution over the
         # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
@@ -68,8 +74,9 @@ class FrameModel(nn.Module):
         self.apply(self._init)
         if self.cond_global is not None:
             nn.init.zeros_(self.cond_global.weight)   # a warm start from a model without it begins as that model
-        if self.attributes is not None:
-            nn.init.zeros_(self.attributes.weight)    # likewise
+        for table in (self.attributes, self.beats):   # likewise
+            if table is not None:
+                nn.init.zeros_(table.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -100,8 +107,8 @@ class FrameModel(nn.Module):
 
     def semantic_features(self, semantic: torch.Tensor | None, cond: torch.Tensor | None = None,
                           attrs: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global, + attribute ids [B, A])
-        -> what is summed into each frame [B, T, D] (None: no input)."""
+        """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global, + attribute ids [B, A],
+        and with them the beat clock of frames 0..T-1) -> what is summed into each frame [B, T, D] (None: no input)."""
         g = None if cond is None else self.global_condition(cond)
         if self.attributes is not None and attrs is not None:
             a = self.attributes(attrs).sum(1)
@@ -111,6 +118,8 @@ class FrameModel(nn.Module):
         x = self.semantic(semantic)
         if self.semantic_conv is not None:
             x = x + self.semantic_conv(x.transpose(1, 2)).transpose(1, 2)
+        if self.beats is not None and attrs is not None:
+            x = x + self.beats(beat_grid(attrs, x.shape[1], self.beat_rate))
         return x if g is None else x + g[:, None]
 
     def embed_frames(self, codes: torch.Tensor, semantic: torch.Tensor | None = None,
