@@ -74,6 +74,8 @@ class StageConfig(RunConfig):
     init: str = ""                    # start from this checkpoint's weights (a new module keeps its fresh init)
     # training (the run fields: common.training.RunConfig)
     cache: str = "cache/corpus"
+    train_clips: int = 0              # train on the first N clips of the cache's train split only (0 = all):
+                                      # data-scaling curves, one cache for every N
     out: str = "runs/stage"
     steps: int = 10000
     weight_decay: float = 0.1
@@ -85,7 +87,7 @@ class StageConfig(RunConfig):
         check_fields(self, positive=("mulan_levels", "mulan_codebook", "semantic_codebook", "acoustic_codebook",
                                      "coarse_levels", "semantic_rate", "acoustic_rate", "window_seconds", "span",
                                      "dim", "depth", "heads", "eval_batches"),
-                     at_least_zero=("fine_levels", "context_window", "semantic_context", "unmasked_weight",
+                     at_least_zero=("fine_levels", "train_clips", "context_window", "semantic_context", "unmasked_weight",
                                     "mulan_vector_dim"),
                      unit=("dropout", "cond_dropout", "cond_text_prob", "cond_level_dropout", "code_dropout",
                            "melody_dropout", "attribute_dropout"))

@@ -45,11 +45,21 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
     if cfg.attribute_input and "attributes" not in cache.arrays:
         wrong.append("attribute_input needs each clip's tempo and key (python -m data.tokenize --attributes-only "
                      "--out CACHE --manifest ...)")
+    if cfg.train_clips > len(cache.rows("train")):
+        wrong.append(f"train_clips={cfg.train_clips} but the cache has {len(cache.rows('train'))} training clips "
+                     "(lower it, or 0 for all)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
     if wrong:
         raise UserError(f"the cache {cache.root} does not fit this {cfg.kind} config: {'; '.join(wrong)}")
+
+
+def train_rows(cache: TokenCache, cfg: StageConfig) -> np.ndarray:
+    """The cache rows a stage trains on: the train split, or only its first `train_clips` clips (an appended
+    cache keeps its old clips first, so the subsets of a data-scaling curve are nested)."""
+    rows = cache.rows("train")
+    return rows[: cfg.train_clips] if cfg.train_clips else rows
 
 
 def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, batch: int, rank: int = 0,
@@ -170,7 +180,7 @@ class StageTask:
         self.cfg, self.cache, self.kind = cfg, cache, cfg.kind
         torch.manual_seed(cfg.seed)
         self.stage = build_stage(cfg)
-        self.model, self.rows = self.stage.model, cache.rows("train")
+        self.model, self.rows = self.stage.model, train_rows(cache, cfg)
 
     def loss(self, model, step: int, micro: int, rank: int, world: int):
         b, drop = batch_at(self.cache, self.rows, self.cfg, step * self.cfg.grad_accum + micro, self.cfg.batch_size,

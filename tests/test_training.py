@@ -183,3 +183,27 @@ def test_a_damaged_cache_stops_training_with_one_line(damage, data, tmp_path):
     cmd = [c if not c.startswith("cache=") else f"cache={tmp_path / 'cache'}" for c in command("stage", data, tmp_path / "r", 4)]
     assert_clean_error(run_module(*cmd), "damaged")
     assert not (tmp_path / "r" / "last").exists()
+
+
+def test_train_clips_trains_on_the_first_clips_only_and_refuses_more_than_the_cache_has(data, tmp_path):
+    """A data-scaling curve trains every point from one cache: train_clips=N draws batches from the first N
+    training clips, and asking for more clips than the split holds stops before any work with the fix in one line."""
+    from data.tokenize import TokenCache
+    from stages.base import StageConfig
+    from stages.train import StageTask, batch_at
+
+    cache = TokenCache(data / "cache")
+    cfg = load_config(StageConfig, "configs/debug/coarse.yaml", [f"cache={data / 'cache'}", "train_clips=3"])
+    task = StageTask(cfg, cache)
+    first = cache.rows("train")[:3]
+    assert list(task.rows) == list(first) and len(cache.rows("train")) > 3
+    seen = set()
+    for step in range(20):   # batch_at draws with replacement from the rows it is handed: only those three
+        b, _ = batch_at(cache, task.rows, cfg, step, 4, train=False)
+        seen |= {tuple(r.tolist()) for r in b["mulan"]}
+    own = {tuple(cache.arrays["mulan"][r].astype(int).tolist()) for r in first}
+    assert seen <= own and len(seen) > 1
+    n = len(cache.rows("train"))
+    cmd = [*command("stage", data, tmp_path / "r", 4), f"train_clips={n + 1}"]
+    assert_clean_error(run_module(*cmd), f"train_clips={n + 1}", f"{n} training clips")
+    assert not (tmp_path / "r" / "last").exists()
