@@ -268,11 +268,12 @@ class Pipeline:
         return tune.expand(B, -1) if len(tune) == 1 else tune
 
     @staticmethod
-    def _attributes(stage, attr_at, sec: float, B: int) -> dict:
-        """The stage's attribute argument at `sec` (only a stage that reads them, `takes_attributes`, gets one)."""
+    def _attributes(stage, attr_at, sec: float, B: int, start: float = 0.0) -> dict:
+        """The stage's attribute argument at `sec` (only a stage that reads them, `takes_attributes`, gets one),
+        with the window's start in seconds for a stage with a beat clock (the clock counts from the music's start)."""
         if attr_at is None or not getattr(stage, "takes_attributes", False):
             return {}
-        return {"attributes": attr_at(sec).expand(B, -1)}
+        return {"attributes": attr_at(sec).expand(B, -1), **({"beat_start": start} if stage.cfg.beat_input else {})}
 
     def _semantic(self, cond_at, n, s, prompt, g, rate, melody=None, attr_at=None):
         stage = self.parts["semantic"]
@@ -285,7 +286,8 @@ class Pipeline:
                 new = min(W - ctx.shape[1], total - out.shape[1])
                 m = cond_at(out.shape[1] / rate).expand(len(out), -1)[:, : stage.cfg.mulan_levels]
                 tune = {} if melody is None else {"melody": melody[:, out.shape[1] - ctx.shape[1]: out.shape[1] + new]}
-                tune.update(self._attributes(stage, attr_at, out.shape[1] / rate, len(out)))
+                tune.update(self._attributes(stage, attr_at, out.shape[1] / rate, len(out),
+                                             (out.shape[1] - ctx.shape[1]) / rate))
                 out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g, **tune)], 1)
                 bar.update(new / rate)
         return out
@@ -306,7 +308,7 @@ class Pipeline:
                 m = cond_at(pos / rate).expand(B, -1)[:, : stage.cfg.mulan_levels]
                 new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
                                      prompt=out[..., a * r: pos * r], generator=g,
-                                     **self._attributes(stage, attr_at, pos / rate, B))
+                                     **self._attributes(stage, attr_at, pos / rate, B, a / rate))
                 bar.update((end - pos) / rate)
                 out, pos = torch.cat([out, new], -1), end
         return out

@@ -98,17 +98,21 @@ def tempo_bpm(tempo_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(tempo_ids > 0, bpm, torch.zeros_like(bpm))
 
 
-def beat_grid(attrs: torch.Tensor, frames: int, rate: float) -> torch.Tensor:
-    """A beat clock from each row's tempo id: ids [B, 2] -> [B, frames] beat-phase ids, frame t (at `rate` Hz) in
-    bin 1 + floor(BEAT_BINS * frac(t / rate * bpm / 60)), 0 for every frame of a row whose tempo is none.
+def beat_grid(attrs: torch.Tensor, frames: int, rate: float, start: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """A beat clock from each row's tempo id: ids [B, 2] -> [B, frames] beat-phase ids, frame t (at `rate` Hz) of a
+    window that begins `start` seconds into the clip (a number, or one per row [B]) in bin
+    1 + floor(BEAT_BINS * frac((start + t / rate) * bpm / 60)), 0 for every frame of a row whose tempo is none.
 
-        120 bpm at 25 Hz (12.5 frames a beat):  1 1 2 2 3 4 4 5 5 6 7 7 8 1 1 2 ...
+        120 bpm at 25 Hz (12.5 frames a beat), start 0:  1 1 2 2 3 4 4 5 6 6 7 8 8 1 1 2 ...
 
     Frames one beat apart share an id: a stage that sums these into its frames need not find the period itself.
-    The phase starts at the window's first frame (the corpus windows start on a note onset)."""
-    beats = torch.arange(frames, dtype=torch.float64)[None] / rate * tempo_bpm(attrs[:, 0])[:, None] / 60
+    The clock counts from the clip's start (a corpus clip starts on a note onset), so a window cut from the
+    middle of a clip, in training or in the pipeline's sliding windows, passes its own start."""
+    t0 = torch.as_tensor(start, dtype=torch.float64, device=attrs.device).reshape(-1, 1)
+    t = t0 + torch.arange(frames, dtype=torch.float64, device=attrs.device)[None] / rate
+    beats = t * tempo_bpm(attrs[:, 0])[:, None] / 60
     phase = 1 + (beats.frac() * BEAT_BINS).long().clamp(max=BEAT_BINS - 1)
-    return torch.where(attrs[:, :1] > 0, phase, torch.zeros_like(phase)).to(attrs.device)
+    return torch.where(attrs[:, :1] > 0, phase, torch.zeros_like(phase))
 
 
 def ids(raw: torch.Tensor) -> torch.Tensor:

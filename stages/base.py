@@ -100,6 +100,9 @@ class StageConfig(RunConfig):
         if self.attribute_input and (self.kind not in ("semantic", "delay") or self.role == "fine"):
             raise ConfigError(f"attribute_input is an option of the semantic stage and of delay stages that read "
                               f"MuLan tokens (this config: kind {self.kind}, role {self.role or 'implied'}); remove it")
+        if self.beat_input and self.kind == "delay" and not self.semantic_input:
+            raise ConfigError("beat_input on a delay stage sums the clock into the semantic ids' frames; it needs "
+                              "semantic_input=true")
         if self.beat_input and not self.attribute_input:
             raise ConfigError("beat_input needs attribute_input=true (the clock runs at the tempo attribute); set both "
                               "or remove it")

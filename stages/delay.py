@@ -100,7 +100,8 @@ class DelayStage:
         known = batch["acoustic"][:, :self.lo].to(device) if self.role == "fine" else None
         cond = self.cond(batch["mulan"].to(device), None if drop_cond is None else drop_cond.to(device))
         attrs = for_rows(batch.get("attrs"), cond, drop_cond) if self.cfg.attribute_input else None
-        logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1), attrs=attrs)
+        logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1), attrs=attrs,
+                                       beat_start=batch.get("beat_start", 0.0))
         return level_losses(logits, target, target != self.model.empty)
 
     def teacher_forced(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +132,11 @@ class DelayStage:
 
     def generate_codes(self, mulan: torch.Tensor, semantic: torch.Tensor | None, frames: int, s: Sampling = Sampling(),
                        prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       use_cache: bool = True, progress=None, attributes: torch.Tensor | None = None) -> torch.Tensor:
+                       use_cache: bool = True, progress=None, attributes: torch.Tensor | None = None,
+                       beat_start: float = 0.0) -> torch.Tensor:
         """MuLan [B, Q_m] + semantic ids [B, T_s] covering prompt + new frames (+ prompt codes [B, K, P], + attribute
-        ids [B, 2] for a stage trained with attribute_input) -> new codes [B, K, frames]."""
+        ids [B, 2] for a stage trained with attribute_input; `beat_start`: where the prompt's first frame lies in
+        the music, in seconds, for the beat clock) -> new codes [B, K, frames]."""
         B, P = len(mulan), 0 if prompt is None else prompt.shape[-1]
         codes = torch.full((B, self.hi - self.lo, P + frames), -1, dtype=torch.long)
         if prompt is not None:
@@ -141,7 +144,8 @@ class DelayStage:
         sem = frame_rate_ids(semantic, self.ratio, P + frames) if semantic is not None else None
         null = self.cond(mulan, torch.ones(B, dtype=torch.bool))
         attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
-        out = self.decode(mulan, null, codes, sem, None, s, generator, use_cache, progress, attrs=attrs)
+        out = self.decode(mulan, null, codes, sem, None, s, generator, use_cache, progress, attrs=attrs,
+                          beat_start=beat_start)
         return out[..., P:]
 
     def generate_fine(self, coarse: torch.Tensor, s: Sampling = Sampling(), generator: torch.Generator | None = None,
@@ -156,7 +160,7 @@ class DelayStage:
 
     @torch.inference_mode()
     def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None,
-               attrs=None):
+               attrs=None, beat_start: float = 0.0):
         """Fill the -1 cells of codes [B, K, T] step by step; cells >= 0 are kept (a prompt). With guidance,
         conditional and null rows (null attributes too) run as one batch and their logits are mixed; with
         s.attribute_guidance, so do the conditional rows with null attributes (stages.sampling.guide)."""
@@ -166,7 +170,7 @@ class DelayStage:
         rows = torch.cat([cond, null, cond][:G])
         if attrs is not None and G > 1:
             attrs = torch.cat([attrs, null_like(attrs), null_like(attrs)][:G])
-        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows, attrs)
+        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows, attrs, beat_start)
         if semantic is not None and semantic.shape[1] == 1:   # cond_global without semantic ids: every step
             semantic = semantic.expand(-1, T + K - 1, -1)
         known = both(extend(known, T + K - 1))

@@ -106,9 +106,10 @@ class FrameModel(nn.Module):
         return self.cond_global(pooled.to(self.cond_global.weight.dtype))
 
     def semantic_features(self, semantic: torch.Tensor | None, cond: torch.Tensor | None = None,
-                          attrs: torch.Tensor | None = None) -> torch.Tensor | None:
+                          attrs: torch.Tensor | None = None, beat_start: float | torch.Tensor = 0.0) -> torch.Tensor | None:
         """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global, + attribute ids [B, A],
-        and with them the beat clock of frames 0..T-1) -> what is summed into each frame [B, T, D] (None: no input)."""
+        and with them the beat clock of frames 0..T-1 of a window `beat_start` seconds into the clip) -> what is
+        summed into each frame [B, T, D] (None: no input)."""
         g = None if cond is None else self.global_condition(cond)
         if self.attributes is not None and attrs is not None:
             a = self.attributes(attrs).sum(1)
@@ -119,7 +120,7 @@ class FrameModel(nn.Module):
         if self.semantic_conv is not None:
             x = x + self.semantic_conv(x.transpose(1, 2)).transpose(1, 2)
         if self.beats is not None and attrs is not None:
-            x = x + self.beats(beat_grid(attrs, x.shape[1], self.beat_rate))
+            x = x + self.beats(beat_grid(attrs, x.shape[1], self.beat_rate, beat_start))
         return x if g is None else x + g[:, None]
 
     def embed_frames(self, codes: torch.Tensor, semantic: torch.Tensor | None = None,
@@ -142,9 +143,9 @@ class FrameModel(nn.Module):
 
     def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,
                 known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal",
-                attrs: torch.Tensor | None = None) -> torch.Tensor:
+                attrs: torch.Tensor | None = None, beat_start: float | torch.Tensor = 0.0) -> torch.Tensor:
         """The whole sequence at once (training, scoring) -> logits [B, T, K, V] of the frame positions."""
-        frames = self.embed_frames(codes, self.semantic_features(semantic, cond, attrs), known)
+        frames = self.embed_frames(codes, self.semantic_features(semantic, cond, attrs, beat_start), known)
         x = torch.cat([self.embed_prefix(cond), frames], 1)
         return self.logits(run_blocks(self.blocks, x, self.heads, 0, None, mask)[:, cond.shape[1]:])
 

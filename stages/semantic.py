@@ -70,11 +70,11 @@ class SemanticStage(Flattened):
         self.semantic_level = cfg.mulan_levels
 
     def side_positions(self, melody: torch.Tensor | None, attrs: torch.Tensor | None, B: int, prefix: int,
-                       n: int) -> torch.Tensor | None:
+                       n: int, beat_start: float | torch.Tensor = 0.0) -> torch.Tensor | None:
         """The side input of every position [B, prefix + n] (or [B, prefix + n, 2] with the beat clock) for n
         semantic ids after `prefix` condition tokens: the position that predicts id t carries frame t's melody id
         [B, n] and beat-clock id (from `attrs` [B, 2], data.attributes.beat_grid), so the one before it does, a
-        condition token for the first."""
+        condition token for the first. `beat_start`: where the first id's frame lies in the clip (s)."""
         def positions(ids: torch.Tensor, none: int) -> torch.Tensor:
             pad = torch.full((B, prefix - 1), none, dtype=torch.long)
             return torch.cat([pad, ids[:, :n], torch.full((B, 1), none, dtype=torch.long)], 1)
@@ -83,12 +83,13 @@ class SemanticStage(Flattened):
         m = melody if melody is not None and self.cfg.melody_input else torch.full((B, n), NO_MELODY, dtype=torch.long)
         if not self.cfg.beat_input:
             return positions(m, NO_MELODY)
-        beats = beat_grid(for_rows(attrs, m).cpu(), n, self.cfg.semantic_rate)
+        beats = beat_grid(for_rows(attrs, m).cpu(), n, self.cfg.semantic_rate, beat_start)
         return torch.stack([positions(m, NO_MELODY), positions(beats, 0)], -1)
 
     def side_input(self, batch, attrs: torch.Tensor | None) -> torch.Tensor | None:
         s = batch["semantic"]
-        return self.side_positions(batch.get("melody"), attrs, len(s), self.cfg.mulan_levels, s.shape[1])
+        return self.side_positions(batch.get("melody"), attrs, len(s), self.cfg.mulan_levels, s.shape[1],
+                                   batch.get("beat_start", 0.0))
 
     def level_names(self) -> list[str]:
         return [f"mulan{q}" for q in range(self.cfg.mulan_levels)] + ["semantic"]
@@ -109,10 +110,12 @@ class SemanticStage(Flattened):
 
     def generate(self, mulan: torch.Tensor, n: int, s: Sampling = Sampling(), prompt: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
-                 melody: torch.Tensor | None = None, attributes: torch.Tensor | None = None) -> torch.Tensor:
+                 melody: torch.Tensor | None = None, attributes: torch.Tensor | None = None,
+                 beat_start: float = 0.0) -> torch.Tensor:
         """MuLan tokens [B, Q_m] (+ semantic prompt [B, P]) -> n new semantic ids [B, n]; with `melody` [B, P + n]
         (melody ids of the prompt and the new frames) a stage trained with melody_input follows it, and with
-        `attributes` [B, 2] (data/attributes.py ids) one trained with attribute_input keeps that tempo and key."""
+        `attributes` [B, 2] (data/attributes.py ids) one trained with attribute_input keeps that tempo and key
+        (`beat_start`: the prompt's first frame in seconds from the music's start, for the beat clock)."""
         prompt = prompt if prompt is not None else mulan.new_zeros(mulan.shape[0], 0)
         prefix = torch.cat([mulan, prompt], 1)
         null = torch.cat([self.cond(mulan, torch.ones(len(mulan), dtype=torch.bool)), prompt], 1)
@@ -120,8 +123,8 @@ class SemanticStage(Flattened):
         levels = torch.full((n,), self.semantic_level)
         attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
         null_attrs = None if attrs is None else null_like(attrs)
-        extra, null_extra = (self.side_positions(melody, a, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n)
-                             for a in (attrs, null_attrs))   # guidance's rows without attributes have no beat clock
+        extra, null_extra = (self.side_positions(melody, a, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n,
+                                                 beat_start) for a in (attrs, null_attrs))   # guidance's rows without attributes have no beat clock
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
                         use_cache=use_cache, progress=progress, extra=extra, attrs=attrs, null_attrs=null_attrs,
                         null_extra=null_extra)

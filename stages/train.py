@@ -45,9 +45,6 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
     if cfg.attribute_input and "attributes" not in cache.arrays:
         wrong.append("attribute_input needs each clip's tempo and key (python -m data.tokenize --attributes-only "
                      "--out CACHE --manifest ...)")
-    if cfg.train_clips > len(cache.rows("train")):
-        wrong.append(f"train_clips={cfg.train_clips} but the cache has {len(cache.rows('train'))} training clips "
-                     "(lower it, or 0 for all)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
@@ -83,6 +80,8 @@ def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, b
         b["attrs"] = attributes.ids(b.pop("attributes"))
         if train:
             b["attrs"] = attributes.drop(b["attrs"], draws[5])
+        if cfg.beat_input:   # where each window starts in its clip (s): the beat clock counts from the clip's start
+            b["beat_start"] = torch.from_numpy(starts[mine]).double() / cfg.semantic_rate
     return b, drop[mine]
 
 
@@ -271,6 +270,9 @@ def train(cfg: StageConfig, resume: bool = False, stop_after: int | None = None)
     --resume continues the same schedule (useful for time-boxed sessions)."""
     cache = TokenCache(cfg.cache)
     check_cache(cfg, cache)
+    if cfg.train_clips > len(cache.rows("train")):   # here, not in check_cache: scoring held-out clips needs none
+        raise UserError(f"train_clips={cfg.train_clips} but {cache.root} has {len(cache.rows('train'))} training "
+                        "clips; lower it, or 0 for all")
     cfg.semantic_tokens = cfg.semantic_tokens or cache.index["semantic"].get("fingerprint", "")
     if cfg.cond_global and (cfg.kind not in ("delay", "masked") or cfg.role == "fine"):
         raise UserError(f"cond_global is an option of delay and masked stages that read MuLan tokens (this config: "

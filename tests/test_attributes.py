@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.errors import UserError
+from common.errors import ConfigError, UserError
 from data import attributes
 from data.attributes import bpm_in_text
 from data.tokenize import TokenCache
@@ -228,7 +228,7 @@ def test_a_semantic_stage_with_the_beat_clock_keeps_time(tmp_path):
             assert float((ids == attributes.beat_grid(told, 25, 25.0)).float().mean()) > share, (bpm, s, ids)
     side = stage.side_positions(None, attributes.null_like(mulan), 4, 3, 25)
     assert side.shape == (4, 28, 2) and (side[..., 1] == 0).all()
-    with pytest.raises(Exception, match="beat_input"):
+    with pytest.raises(ConfigError, match="beat_input"):
         load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["beat_input=true"])
 
 
@@ -256,3 +256,30 @@ def test_a_delay_stage_takes_the_beat_clock_too(tmp_path):
     with torch.no_grad():   # a row without a tempo gets the clock's "none" row in every frame
         none = stage.model.beats(torch.zeros_like(clock))
         assert torch.allclose(feats[150] - feats[0], stage.model.beats(clock) - none, atol=1e-5)
+
+
+def test_the_beat_clock_counts_from_the_clips_start_in_every_window(tmp_path):
+    """A window cut from the middle of a clip (a training window, or one of the pipeline's sliding windows) gets the
+    phase its frames have in the clip, not a clock restarted at its first frame: the same ids as the whole clip's
+    clock there, per row in training (batch_at hands each window's start), and in a delay stage's frame inputs."""
+    told = attributes.ids(torch.tensor([[96, 0], [131, 3], [0, 2]]))
+    whole = attributes.beat_grid(told, 60, 25.0)
+    assert torch.equal(attributes.beat_grid(told, 20, 25.0, 0.84), whole[:, 21:41])   # 0.84 s = 21 frames
+    starts = torch.tensor([0.2, 1.0, 0.4])
+    per_row = attributes.beat_grid(told, 10, 25.0, starts)
+    for r, f in enumerate([5, 25, 10]):
+        assert torch.equal(per_row[r], whole[r, f: f + 10])
+    assert (whole[2] == 0).all()                                   # no tempo, no clock
+    cfg = delay_config(tmp_path, "beat", "attribute_input=true", "beat_input=true", "window_seconds=0.4")
+    from stages.train import batch_at
+    b, _ = batch_at(TokenCache(tmp_path / "cache"), TokenCache(tmp_path / "cache").rows("train"), cfg, 3, 6)
+    assert b["beat_start"].shape == (6,) and len(set(b["beat_start"].tolist())) > 1   # windows start anywhere
+    stage = DelayStage(cfg)
+    torch.nn.init.normal_(stage.model.beats.weight, std=1.0)
+    sem = torch.randint(0, cfg.semantic_codebook, (3, 60))
+    with torch.no_grad():
+        full = stage.model.semantic_features(sem, attrs=told)
+        part = stage.model.semantic_features(sem[:, 30:50], attrs=told, beat_start=30 / cfg.acoustic_rate)
+    assert torch.allclose(part, full[:, 30:50]) and not torch.allclose(part, full[:, :20])
+    with pytest.raises(ConfigError, match="semantic_input=true"):
+        delay_config(tmp_path, "bad", "attribute_input=true", "beat_input=true", "semantic_input=false")

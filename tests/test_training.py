@@ -205,5 +205,5 @@ def test_train_clips_trains_on_the_first_clips_only_and_refuses_more_than_the_ca
     assert seen <= own and len(seen) > 1
     n = len(cache.rows("train"))
     cmd = [*command("stage", data, tmp_path / "r", 4), f"train_clips={n + 1}"]
-    assert_clean_error(run_module(*cmd), f"train_clips={n + 1}", f"{n} training clips")
+    assert_clean_error(run_module(*cmd), f"train_clips={n + 1}", f"has {n} training clips")
     assert not (tmp_path / "r" / "last").exists()
