@@ -31,7 +31,8 @@ def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, re
     if made_by not in mulan_audio_hashes(mulan_path or "pretrained/mulan"):
         raise UserError(f"{out}'s audio tokens were made by another MuLan ({made_by}); pass that one as --mulan")
     rows = rows_of_cache(manifests, out, cache)
-    write_cache(out, {"mulan_text": text_tokens(load_conditioner(mulan_path), rows, rephrasings)})
+    index = {**cache.index, "text_tokens_by": checkpoint_hash(mulan_path or "pretrained/mulan")}
+    write_cache(out, {"mulan_text": text_tokens(load_conditioner(mulan_path), rows, rephrasings)}, index)
     print(f"wrote text tokens of {len(rows)} clips x {rephrasings} captions to {out / 'mulan_text.npy'}")
 
 
@@ -100,11 +101,19 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
                 made_by["mulan"] not in mulan_audio_hashes(paths["mulan"] or "pretrained/mulan"):
             raise UserError(f"{out} was made by other tokenizers ({made_by} vs {hashes}); "
                             "use a new --out folder")
+        text_by = old.get("text_tokens_by", made_by["mulan"])   # caches from before it was recorded: the index's MuLan
+        if text_by != hashes["mulan"]:   # one cache, one text tower: its caption tokens are one vocabulary
+            raise UserError(f"{out}'s caption tokens were made by the text tower of MuLan {text_by}, --mulan's is "
+                            f"{hashes['mulan']}; first re-make them all with this MuLan (--text-only --mulan ... "
+                            "--manifest <the cache's manifests>), then append")
         hashes = made_by
         for name, flag in (("mulan_text", "--text-only"), ("melody", "--melody-only"),
                            ("attributes", "--attributes-only")):
             if name not in existing.arrays:
                 raise UserError(f"{out} has no {name}.npy yet; add it first with {flag}, then append")
+        if existing.arrays["mulan_text"].shape[1] != rephrasings:
+            raise UserError(f"{out} holds {existing.arrays['mulan_text'].shape[1]} captions per clip; append with "
+                            f"--rephrasings {existing.arrays['mulan_text'].shape[1]}")
     n = int(seconds * acoustic.sample_rate)
     skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in (*ARRAYS, "melody")}
 
@@ -138,7 +147,8 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
         stacked[k] = np.stack(arrays[k])
         if old is not None:
             stacked[k] = np.concatenate([np.load(out / f"{k}.npy"), stacked[k]])
-    index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": hashes,
+    text_by = checkpoint_hash(paths["mulan"] or "pretrained/mulan")   # whose text tower made mulan_text
+    index = {"format_version": 1, "seconds": seconds, "tokenizer_hashes": hashes, "text_tokens_by": text_by,
              "tokenizer_paths": {k: str(v) for k, v in paths.items()}, **describe(acoustic, semantic, mulan),
              "clips": (old["clips"] if old else []) + clips}
     write_cache(out, stacked, index)

@@ -68,7 +68,17 @@ def test_append_accepts_a_mulan_retrained_on_the_locked_audio_tower(parts, tmp_p
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         cfg["config"]["locked_audio_hash"] = locked
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-    tokenize([parts / "m.jsonl"], tmp_path / "cache", dict(paths(parts), mulan=str(tmp_path / "lit")), seconds=1.0)
+    lit = dict(paths(parts), mulan=str(tmp_path / "lit"))
+    # its caption tokens would be another vocabulary than the cache's: refused until all are re-made with it
+    with pytest.raises(UserError, match="caption tokens were made by the text tower"):
+        tokenize([parts / "m.jsonl"], tmp_path / "cache", lit, seconds=1.0)
+    assert TokenCache(tmp_path / "cache").arrays["mulan"].shape[0] == 4          # nothing half-written
+    from audio_tokenizers.tokenize import add_text_tokens
+    add_text_tokens([parts / "m.jsonl"], tmp_path / "cache", lit["mulan"], 3)
+    with pytest.raises(UserError, match="append with --rephrasings 3"):
+        tokenize([parts / "m.jsonl"], tmp_path / "cache", lit, seconds=1.0)
+    assert TokenCache(tmp_path / "cache").index["text_tokens_by"] == checkpoint_hash(tmp_path / "lit")
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", lit, seconds=1.0, rephrasings=3)
     cache = TokenCache(tmp_path / "cache")
     assert cache.arrays["mulan"].shape[0] == 8 and cache.index["tokenizer_hashes"] == made_by
     assert (cache.arrays["mulan"][:4] == cache.arrays["mulan"][4:]).all()   # the same audio tokens
