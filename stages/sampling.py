@@ -5,6 +5,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from data.attributes import null_like
+
 
 @dataclass
 class Sampling:
@@ -79,10 +81,11 @@ def guide(logits: torch.Tensor, B: int, s: Sampling) -> torch.Tensor:
 
 
 def guided_rows(s: Sampling, has_null: bool, attrs: torch.Tensor | None) -> int:
-    """How many row groups guidance needs: 1 (none), 2 (cond, uncond) or 3 (+ cond with null attributes)."""
+    """How many row groups guidance needs: 1 (none), 2 (cond, uncond) or 3 (+ cond with null attributes: only where
+    some row states an attribute; otherwise that group would equal the conditional one)."""
     if not has_null:
         return 1
-    if attrs is not None and s.attribute_guidance != 0.0:
+    if attrs is not None and s.attribute_guidance != 0.0 and bool((attrs != null_like(attrs)).any()):
         return 3
     return 2 if s.guidance != 1.0 else 1
 

@@ -283,3 +283,13 @@ def test_the_beat_clock_counts_from_the_clips_start_in_every_window(tmp_path):
     assert torch.allclose(part, full[:, 30:50]) and not torch.allclose(part, full[:, :20])
     with pytest.raises(ConfigError, match="semantic_input=true"):
         delay_config(tmp_path, "bad", "attribute_input=true", "beat_input=true", "semantic_input=false")
+
+
+def test_attribute_guidance_runs_its_third_row_group_only_where_a_prompt_states_something():
+    from stages.sampling import guided_rows
+    s = Sampling(guidance=3.0, attribute_guidance=2.0)
+    stated = attributes.from_texts(["a waltz at 90 bpm", "no tempo, no key"])
+    assert guided_rows(s, True, stated) == 3
+    assert guided_rows(s, True, attributes.from_texts(["no tempo, no key"] * 2)) == 2   # that group = the cond one
+    assert guided_rows(Sampling(guidance=1.0, attribute_guidance=2.0), True, stated) == 3
+    assert guided_rows(Sampling(guidance=1.0), True, stated) == 1 and guided_rows(s, False, stated) == 1
