@@ -9,7 +9,8 @@ condition, the text tokens of its own caption and of a re-phrasing of it (the ca
 mulan_text), over the stage's whole training window and over the first second alone (where
 nothing but the condition tells the stage what to play). "null - X" is what condition X is worth;
 a negative value means the stage does better without it (it memorised the training clips'
-conditions instead of learning what they mean).
+conditions instead of learning what they mean). `--trained-clips` scores the same on clips it
+trained on: where the own condition is worth much more there than on held-out clips, it memorised.
 
     python -m evaluation.conditioning --stage semantic=PATH --cache cache/corpus \
         --generate-from evaluation/prompts/new_phrasing.jsonl --labels corpus/train.jsonl
@@ -144,6 +145,9 @@ def main() -> None:
     ap.add_argument("--cache", required=True, help="the token cache it was trained on (held-out splits are scored)")
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--trained-clips", action="store_true",
+                    help="also score up to --clips clips the stage trained on (the first of the cache's train split, "
+                         "within its train_clips): own minus held-out is what it memorised")
     ap.add_argument("--generate-from", type=Path, default=None, metavar="PROMPTS.jsonl",
                     help="also probe semantic ids generated from these prompts (rows: caption, instrument_label, ...)")
     ap.add_argument("--labels", type=Path, nargs="+", default=[], help="manifests with the cache clips' metadata")
@@ -175,6 +179,12 @@ def main() -> None:
         stage.model.eval()
         results[name] = {"window": signal(stage, cache, rows, stage.cfg.window_seconds),
                          "first_second": signal(stage, cache, rows, 1.0)}
+        if args.trained_clips:
+            from stages.train import train_rows
+            seen = train_rows(cache, stage.cfg)[: args.clips]
+            results[name]["trained_on"] = {"clips": len(seen),
+                                           "window": signal(stage, cache, seen, stage.cfg.window_seconds),
+                                           "first_second": signal(stage, cache, seen, 1.0)}
         print(name, json.dumps(results[name]), flush=True)
         if args.generate_from and stage.role == "semantic":
             from audio_tokenizers.mulan import load_conditioner

@@ -210,5 +210,12 @@ def test_conditioning_signal_of_a_stage_that_reads_its_condition(tmp_path):
     assert (blind["guidance"], blind["temperature"]) == (0.0, 1.0)
     assert blind["instrument"]["generated"] < probe["instrument"]["generated"] - 0.15
     from tests.helpers import assert_clean_error, run_module
+    # --trained-clips: the same measures on clips the stage trained on, beside the held-out ones
+    proc = run_module("evaluation.conditioning", "--stage", f"semantic={tmp_path / 'semantic' / 'model'}", "--cache",
+                      str(cache.root), "--clips", "6", "--trained-clips", "--out", str(tmp_path / "c.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((tmp_path / "c.json").read_text())["semantic"]
+    assert got["trained_on"]["clips"] == 6 and got["trained_on"]["first_second"]["null-audio"] > 0
+    assert set(got["trained_on"]["window"]) == set(got["window"])
     assert_clean_error(run_module("evaluation.conditioning", "--stage", "semantic=x", "--cache", "y",
                                   "--guidance", "-1"), "--guidance")
