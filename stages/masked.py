@@ -145,10 +145,10 @@ class MaskedStage(DelayStage):
 
     @torch.inference_mode()
     def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None,
-               attrs=None):
+               attrs=None, beat_start: float = 0.0):
         """Fill the -1 cells of codes [B, K, T], level by level (cells >= 0 are kept: a prompt). Leaves in
         self.confidence [B] the mean log-probability of the cells it filled, as they were last sampled.
-        (`attrs` is always None here: training refuses attribute_input for the masked kind.)"""
+        (`attrs` is always None and `beat_start` unused here: training refuses attribute_input for the masked kind.)"""
         B, K, T = codes.shape
         logp_sum, filled = torch.zeros(B), torch.zeros(B)
         guided = null is not None and s.guidance != 1.0
