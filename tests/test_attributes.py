@@ -98,17 +98,24 @@ def delay_config(tmp_path, out, *extra):
     return stage_helpers.delay_config(tmp_path, out, *extra, make=attribute_cache)
 
 
-def test_delay_warm_start_begins_as_the_old_model_and_guidance_nulls_the_attributes(tmp_path):
+def warm_started_delay(tmp_path, out, *extra):
+    """A delay stage with new modules (`extra`), warm-started from a plain one trained here, and a held-out batch
+    with attribute ids; checked to begin exactly as the plain stage (the new tables start at zero)."""
     plain = load_stage(train(delay_config(tmp_path, "plain")), "coarse")
-    cfg = delay_config(tmp_path, "attr", "attribute_input=true", f"init={tmp_path / 'plain/model'}")
+    cfg = delay_config(tmp_path, out, *extra, f"init={tmp_path / 'plain/model'}")
     stage = DelayStage(cfg)
     warm_start(stage.model, check_init(cfg), cfg.init)
     stage.model.eval()
     cache = TokenCache(tmp_path / "cache")
     b = cache.window(cache.rows("valid")[:2], np.zeros(2, dtype=int), 25, 2)
     b["attrs"] = attributes.ids(b.pop("attributes"))
-    with torch.no_grad():   # the new table starts at zero: exactly the old model
+    with torch.no_grad():
         assert torch.allclose(stage.loss(b, None)["loss"], plain.loss(b, None)["loss"], atol=1e-5)
+    return stage, plain, b
+
+
+def test_delay_warm_start_begins_as_the_old_model_and_guidance_nulls_the_attributes(tmp_path):
+    stage, plain, b = warm_started_delay(tmp_path, "attr", "attribute_input=true")   # the new table starts at zero
     torch.nn.init.normal_(stage.model.attributes.weight, std=0.5)   # make the attributes matter
     mulan, semantic = b["mulan"], b["semantic"][:, :10]
     told = attributes.ids(torch.tensor([[90, 3], [150, 20]]))
@@ -235,23 +242,14 @@ def test_a_semantic_stage_with_the_beat_clock_keeps_time(tmp_path):
 def test_a_delay_stage_takes_the_beat_clock_too(tmp_path):
     """beat_input on a delay stage: a zero-initialised clock (a warm start begins as the old model) at the acoustic
     frame rate, in the frames of rows that state a tempo only."""
-    plain = load_stage(train(delay_config(tmp_path, "plain")), "coarse")
-    cfg = delay_config(tmp_path, "beat", "attribute_input=true", "beat_input=true", f"init={tmp_path / 'plain/model'}")
-    stage = DelayStage(cfg)
-    warm_start(stage.model, check_init(cfg), cfg.init)
-    stage.model.eval()
-    cache = TokenCache(tmp_path / "cache")
-    b = cache.window(cache.rows("valid")[:2], np.zeros(2, dtype=int), 25, 2)
-    b["attrs"] = attributes.ids(b.pop("attributes"))
-    with torch.no_grad():
-        assert torch.allclose(stage.loss(b, None)["loss"], plain.loss(b, None)["loss"], atol=1e-5)
+    stage, plain, b = warm_started_delay(tmp_path, "beat", "attribute_input=true", "beat_input=true")
     torch.nn.init.normal_(stage.model.beats.weight, std=1.0)
     sem = b["semantic"][:, :10]
     with torch.no_grad():
         feats = {bpm: stage.model.semantic_features(sem, attrs=attributes.ids(torch.tensor([[bpm, 0]] * 2)))
                  for bpm in (60, 150, 0)}
     assert not torch.allclose(feats[60], feats[150])
-    clock = attributes.beat_grid(attributes.ids(torch.tensor([[150, 0]] * 2)), 10, cfg.acoustic_rate)
+    clock = attributes.beat_grid(attributes.ids(torch.tensor([[150, 0]] * 2)), 10, stage.cfg.acoustic_rate)
     assert clock[0].tolist() == [1, 1, 1, 2, 2, 3, 3, 3, 4, 4]   # ~150 bpm at 50 Hz: 20 frames a beat, in eighths
     with torch.no_grad():   # a row without a tempo gets the clock's "none" row in every frame
         none = stage.model.beats(torch.zeros_like(clock))
