@@ -25,7 +25,7 @@ import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
-from data.attributes import from_texts as attributes_from_texts
+from data.attributes import bpm_in_text, from_texts as attributes_from_texts
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
@@ -54,6 +54,8 @@ class GenerationOptions:
     semantic: dict = field(default_factory=dict)
     coarse: dict = field(default_factory=dict)
     fine: dict = field(default_factory=dict)
+    rerank: int = 1              # evaluation: make this many candidates per prompt, keep the best (Pipeline.rerank)
+    rerank_tempo: float = 1.0    # ... by MuLan score + this x the pulse at the stated bpm
 
 
 def check_fit(parts: dict) -> None:
@@ -339,13 +341,20 @@ class Pipeline:
         return ids
 
     @torch.no_grad()
-    def rerank(self, texts: list[str], candidates: torch.Tensor, k: int) -> torch.Tensor:
-        """candidates [B * k, 1, N] (k per text, text-major) -> the best per text by MuLan cosine, [B, 1, N]."""
+    def rerank(self, texts: list[str], candidates: torch.Tensor, k: int, tempo_weight: float = 0.0) -> torch.Tensor:
+        """candidates [B * k, 1, N] (k per text, text-major) -> the best per text [B, 1, N] by MuLan cosine to
+        the text, plus `tempo_weight` x how strongly the candidate pulses at the bpm the text states
+        (`audio_tokenizers.spectral.pulse_strength`, 0 to 1; texts that state none are ranked by MuLan alone)."""
         t = self.mulan.embed_text(texts)
-        a = self.mulan.embed_audio(candidates, self.sample_rate).reshape(len(texts), k, -1)
-        best = (a * t[:, None]).sum(-1).argmax(1)
+        score = (self.mulan.embed_audio(candidates, self.sample_rate).reshape(len(texts), k, -1) * t[:, None]).sum(-1)
+        if tempo_weight:
+            from audio_tokenizers.spectral import pulse_strength
+            for i, text in enumerate(texts):
+                bpm = bpm_in_text(text)
+                if bpm:
+                    score[i] += tempo_weight * pulse_strength(candidates[i * k:(i + 1) * k, 0], self.sample_rate, bpm)
+        best = score.argmax(1)
         return candidates.reshape(len(texts), k, *candidates.shape[1:])[torch.arange(len(texts)), best]
-
 
 if __name__ == "__main__":
     from pipeline_cli import main

@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=1, help="variations per prompt")
     ap.add_argument("--rerank", type=int, default=1, metavar="K", help="keep the best of K by MuLan score")
+    ap.add_argument("--rerank-tempo", type=float, default=1.0, metavar="W",
+                    help="with --rerank: add W x how strongly a candidate pulses at the bpm the prompt states")
     ap.add_argument("--prompt-audio", type=Path, default=None)
     ap.add_argument("--semantic-from", type=Path, default=None, metavar="AUDIO",
                     help="semantic ids from this recording instead of the semantic stage (acoustic resynthesis; "
@@ -128,6 +130,8 @@ def main() -> None:
         raise UserError(f"--duration must be in (0, {MAX_SECONDS:.0f}] seconds, got {args.duration}")
     if args.batch < 1 or args.rerank < 1:
         raise UserError("--batch and --rerank must be at least 1")
+    if args.rerank_tempo < 0:
+        raise UserError(f"--rerank-tempo must be at least 0 (0: MuLan score alone), got {args.rerank_tempo}")
     story = parse_story(args.story, args.duration) if args.story else None
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder; give a file name, e.g. --out {args.out / 'song.wav'}")
@@ -214,7 +218,7 @@ def generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune=None) ->
                             progress=progress, melody=tune)
     if args.rerank > 1:
         keys = [" ".join(texts)] if story else texts
-        wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank)
+        wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank, args.rerank_tempo)
     return wav
 
 

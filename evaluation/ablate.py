@@ -9,6 +9,8 @@ A variant is a YAML file; every key is optional (missing parts are the shipped d
     stages: {coarse: runs/coarse_big/last}          # NAME: checkpoint, as --stage NAME=PATH
     options: {seed: 0, guidance: 3.0, coarse: {guidance: 1.0, temperature: 0.9, top_k: 50}}
     # masked stages also take steps (per level), guidance_end and anneal_temperature
+    # options: {rerank: 4, rerank_tempo: 1.0}: the best of 4 candidates by MuLan score + 1.0 x the pulse at
+    # the bpm the prompt states (Pipeline.rerank); its MuLan gap is then no longer an independent measure
 
 Each variant's clips, scores and spectrogram grid go to --out/<name>/; the combined table
 to --out/ablation.md and --out/ablation.json. Every variant after the first is also compared with the
@@ -52,7 +54,7 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
     opts = GenerationOptions()
     for key, value in (spec.get("options") or {}).items():
         if not hasattr(opts, key):
-            raise UserError(f"variant {path}: unknown option {key!r}; use seed, guidance, semantic, coarse, fine")
+            raise UserError(f"variant {path}: unknown option {key!r}; use seed, guidance, semantic, coarse, fine, rerank, rerank_tempo")
         if isinstance(getattr(opts, key), dict):
             from dataclasses import fields
 
@@ -63,7 +65,13 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
                 raise UserError(f"variant {path}: {key} knobs {bad} are unknown; use {', '.join(knobs)}")
             getattr(opts, key).update(value)
         else:
-            setattr(opts, key, type(getattr(opts, key))(value))
+            try:
+                setattr(opts, key, type(getattr(opts, key))(value))
+            except (TypeError, ValueError):
+                raise UserError(f"variant {path}: option {key} must be a number, got {value!r}") from None
+    if opts.rerank < 1 or opts.rerank_tempo < 0:
+        raise UserError(f"variant {path}: rerank must be at least 1 and rerank_tempo at least 0, "
+                        f"got {opts.rerank} and {opts.rerank_tempo}")
     return str(spec.get("name") or path.stem), paths, opts
 
 

@@ -58,7 +58,11 @@ def generate_all(pipe, rows: list[dict], duration: float, options, out: Path) ->
     (out / "clips").mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(rows):
         t = time.perf_counter()
-        wav = pipe.generate([row["caption"]], duration, options=options)[0, 0].numpy()
+        k = options.rerank   # best of k candidates, made as one batch
+        wav = pipe.generate([row["caption"]] * k, duration, options=options)
+        if k > 1:
+            wav = pipe.rerank([row["caption"]], wav, k, options.rerank_tempo)
+        wav = wav[0, 0].numpy()
         times.append(time.perf_counter() - t)
         write_wav(out / "clips" / f"{i:03d}.wav", wav, pipe.sample_rate)
         waves.append(wav)

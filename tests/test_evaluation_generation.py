@@ -9,6 +9,7 @@ import torch
 
 from evaluation.adherence import estimate_key, estimate_tempo, normalise_key, tempo_correct
 from evaluation.metrics import cycle_consistency, frechet_distance, kl_divergence
+from common.errors import UserError
 from tests.helpers import assert_clean_error, run_module, save_debug_parts
 
 SR = 24000
@@ -44,6 +45,16 @@ def test_click_track_at_120_bpm_is_measured_as_120():
     assert bpm == pytest.approx(120, rel=0.04)
     assert tempo_correct(bpm, 120) and tempo_correct(60.5, 120) and tempo_correct(181, 60)
     assert not tempo_correct(100, 120) and not tempo_correct(130, 120)
+
+
+def test_pulse_strength_is_sharp_in_tempo_and_allows_half_and_double():
+    from audio_tokenizers.spectral import pulse_strength
+    x = torch.from_numpy(np.stack([click_track(120, 10), click_track(96, 10),
+                                   np.random.default_rng(0).normal(size=10 * SR).astype(np.float32) * 0.1]))
+    at = {bpm: pulse_strength(x, SR, bpm) for bpm in (120, 60, 96, 115, 125)}
+    assert at[120][0] > 0.5 and at[60][0] > 0.5 and at[96][1] > 0.5   # its own tempo, and half of it
+    assert max(at[115][0], at[125][0], at[120][1], at[96][0]) < 0.25  # 4% off, or another tempo
+    assert all(abs(v[2]) < 0.2 for v in at.values())                 # noise has no pulse
 
 
 def test_key_of_a_cadence_in_g_major():
@@ -108,10 +119,21 @@ def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path, monkey
                                   "--out", str(tmp_path / "x")), "not found")
 
 
+def test_rerank_keeps_the_candidate_at_the_stated_tempo(parts):
+    from pipeline import Pipeline, load_parts
+    pipe = Pipeline(load_parts({n: str(parts / n) for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic",
+                                                             "coarse", "fine")}))
+    cands = torch.from_numpy(np.stack([click_track(96, 8), click_track(120, 8)]))[:, None]
+    for text, want in (("drums at 96 bpm", 0), ("drums, 120 BPM", 1)):
+        assert torch.equal(pipe.rerank([text], cands, 2, tempo_weight=100.0)[0], cands[want])
+    by_mulan = pipe.rerank(["drums"] * 2, torch.cat([cands, cands.flip(0)]), 2, tempo_weight=100.0)
+    assert torch.equal(by_mulan[0], by_mulan[1])   # no bpm stated: MuLan alone, whatever the order
+
+
 def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypatch):
     from evaluation.ablate import main
     (tmp_path / "a.yaml").write_text("name: cfg3\noptions: {guidance: 3.0}\n")
-    (tmp_path / "b.yaml").write_text("name: greedy-fine\noptions: {guidance: 1.0, fine: {temperature: 0.0}}\n")
+    (tmp_path / "b.yaml").write_text("name: greedy-fine\noptions: {guidance: 1.0, fine: {temperature: 0.0}, rerank: 2}\n")
     prompts = tmp_path / "p.txt"
     prompts.write_text("calm piano\nfast drums\n")
     flags = [f"{n}: {parts / n}" for n in ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")]
@@ -130,6 +152,12 @@ def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypat
     mcc = res["paired"]["greedy-fine"]["mcc"]   # the second variant minus the first, clip by clip
     assert mcc["clips"] == 2 and abs(mcc["mean"] - np.mean([b["mcc"] - a["mcc"] for a, b in zip(clips, other)])) < 1e-3
     assert mcc["ci95"][0] <= mcc["mean"] <= mcc["ci95"][1] and "greedy-fine" in (tmp_path / "abl/paired.md").read_text()
+    from evaluation.ablate import load_variant
+    assert load_variant(tmp_path / "b.yaml")[2].rerank == 2
+    for bad in ("rerank: 0", "rerank_tempo: -1", "rerank: many"):
+        (tmp_path / "r.yaml").write_text(f"options: {{{bad}}}\n")
+        with pytest.raises(UserError, match="rerank"):
+            load_variant(tmp_path / "r.yaml")
     (tmp_path / "bad.yaml").write_text("name: x\nstagez: {}\n")
     assert_clean_error(run_module("evaluation.ablate", "--variants", str(tmp_path / "bad.yaml"), "--prompts",
                                   str(prompts), "--out", str(tmp_path / "abl2")), "unknown keys")

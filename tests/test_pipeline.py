@@ -86,6 +86,9 @@ def test_long_story_continuation_rerank_and_batch(parts, tmp_path, monkeypatch, 
                          *stage_args(parts))
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("x_*.wav")) == ["x_0_0.wav", "x_0_1.wav", "x_1_0.wav", "x_1_1.wav"]
+    code, _, err = cli(monkeypatch, capsys, "--text", "piano", "--rerank", "2", "--rerank-tempo", "-1",
+                       "--out", tmp_path / "y.wav", *stage_args(parts))
+    assert code != 0 and "--rerank-tempo must be at least 0" in err and not (tmp_path / "y.wav").exists()
 
 
 def test_parts_that_do_not_fit_are_named(parts, tmp_path, monkeypatch, capsys):
