@@ -341,10 +341,10 @@ class Pipeline:
         return ids
 
     @torch.no_grad()
-    def rerank(self, texts: list[str], candidates: torch.Tensor, k: int, tempo_weight: float = 0.0) -> torch.Tensor:
-        """candidates [B * k, 1, N] (k per text, text-major) -> the best per text [B, 1, N] by MuLan cosine to
-        the text, plus `tempo_weight` x how strongly the candidate pulses at the bpm the text states
-        (`audio_tokenizers.spectral.pulse_strength`, 0 to 1; texts that state none are ranked by MuLan alone)."""
+    def rerank_scores(self, texts: list[str], candidates: torch.Tensor, k: int, tempo_weight: float = 0.0) -> torch.Tensor:
+        """candidates [B * k, 1, N] (k per text, text-major) -> [B, k]: MuLan cosine to the text, plus
+        `tempo_weight` x how strongly the candidate pulses at the bpm the text states
+        (`audio_tokenizers.spectral.pulse_strength`, 0 to 1; nothing is added where the text states none)."""
         t = self.mulan.embed_text(texts)
         score = (self.mulan.embed_audio(candidates, self.sample_rate).reshape(len(texts), k, -1) * t[:, None]).sum(-1)
         if tempo_weight:
@@ -353,7 +353,11 @@ class Pipeline:
                 bpm = bpm_in_text(text)
                 if bpm:
                     score[i] += tempo_weight * pulse_strength(candidates[i * k:(i + 1) * k, 0], self.sample_rate, bpm)
-        best = score.argmax(1)
+        return score
+
+    def rerank(self, texts: list[str], candidates: torch.Tensor, k: int, tempo_weight: float = 0.0) -> torch.Tensor:
+        """The best of each text's k candidates by `rerank_scores` -> [B, 1, N]."""
+        best = self.rerank_scores(texts, candidates, k, tempo_weight).argmax(1)
         return candidates.reshape(len(texts), k, *candidates.shape[1:])[torch.arange(len(texts)), best]
 
 if __name__ == "__main__":

@@ -130,6 +130,27 @@ def test_rerank_keeps_the_candidate_at_the_stated_tempo(parts):
     assert torch.equal(by_mulan[0], by_mulan[1])   # no bpm stated: MuLan alone, whatever the order
 
 
+def test_candidates_summary_counts_each_way_of_picking():
+    from evaluation.candidates import summarise
+    c = lambda ok, mulan, score, pulse: {"tempo_ok": ok, "mulan": mulan, "score": score, "pulse": pulse}  # noqa: E731
+    per = [[c(False, 0.9, 0.9, 0.0), c(True, 0.1, 1.1, 1.0)],      # MuLan picks wrong, the rule with pulse right
+           [c(False, 0.2, 0.2, 0.0), c(False, 0.5, 0.5, 0.1)]]     # nothing to pick
+    s = summarise(per)["tempo_ok"]
+    assert s == {"prompts": 2, "first": 0.0, "rerank": 0.5, "mulan": 0.0, "mean": 0.25, "any": 0.5}
+    assert summarise(per)["pulse"]["median_if_tempo_ok"] == 1.0 and "key_ok" not in summarise(per)
+
+
+def test_candidates_runs_end_to_end(parts, tmp_path, monkeypatch):
+    from evaluation.candidates import main
+    in_process(monkeypatch, main, "--prompts", parts / "test.jsonl", "--limit", "1", "--k", "2", "--duration", "1.0",
+               "--out", tmp_path / "c", "--train-manifest", parts / "train.jsonl", *stage_flags(parts))
+    row = json.loads((tmp_path / "c/candidates.jsonl").read_text())
+    assert len(row["candidates"]) == 2 and all(-1 <= x["mulan"] <= 1 and "key_ok" in x for x in row["candidates"])
+    assert "| key_ok (1) |" in (tmp_path / "c/summary.md").read_text()
+    assert_clean_error(run_module("evaluation.candidates", "--prompts", str(parts / "test.jsonl"), "--k", "1",
+                                  "--out", str(tmp_path / "d")), "--k must be at least 2")
+
+
 def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypatch):
     from evaluation.ablate import main
     (tmp_path / "a.yaml").write_text("name: cfg3\noptions: {guidance: 3.0}\n")
