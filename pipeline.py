@@ -360,6 +360,7 @@ class Pipeline:
         best = self.rerank_scores(texts, candidates, k, tempo_weight).argmax(1)
         return candidates.reshape(len(texts), k, *candidates.shape[1:])[torch.arange(len(texts)), best]
 
+
 if __name__ == "__main__":
     from pipeline_cli import main
     run_cli(main)

@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=1, help="variations per prompt")
-    ap.add_argument("--rerank", type=int, default=1, metavar="K", help="keep the best of K by MuLan score")
+    ap.add_argument("--rerank", type=int, default=1, metavar="K", help="keep the best of K by MuLan score (+ --rerank-tempo)")
     ap.add_argument("--rerank-tempo", type=float, default=1.0, metavar="W",
                     help="with --rerank: add W x how strongly a candidate pulses at the bpm the prompt states")
     ap.add_argument("--prompt-audio", type=Path, default=None)
