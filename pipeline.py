@@ -58,6 +58,11 @@ class GenerationOptions:
     rerank_tempo: float = 1.0    # ... by MuLan score + this x the pulse at the stated bpm
 
 
+def rerank_score(terms: dict, tempo_weight: float) -> torch.Tensor:
+    """The rerank rule on `Pipeline.rerank_terms`: MuLan cosine + tempo_weight x the pulse where a bpm is stated."""
+    return terms["mulan"] + (tempo_weight * terms["pulse"].nan_to_num(0.0) if tempo_weight else 0.0)
+
+
 def check_fit(parts: dict) -> None:
     """Refuse parts that do not fit together, naming the two that disagree and on what. The coarse slot
     may hold an acoustic-role stage (every codec level at once); then there is no fine stage."""
@@ -341,23 +346,25 @@ class Pipeline:
         return ids
 
     @torch.no_grad()
-    def rerank_scores(self, texts: list[str], candidates: torch.Tensor, k: int, tempo_weight: float = 0.0) -> torch.Tensor:
-        """candidates [B * k, 1, N] (k per text, text-major) -> [B, k]: MuLan cosine to the text, plus
-        `tempo_weight` x how strongly the candidate pulses at the bpm the text states
-        (`audio_tokenizers.spectral.pulse_strength`, 0 to 1; nothing is added where the text states none)."""
+    def rerank_terms(self, texts: list[str], candidates: torch.Tensor, k: int, pulse: bool = True) -> dict:
+        """candidates [B * k, 1, N] (k per text, text-major) -> {"mulan": [B, k] cosine to the text, "pulse": [B, k]
+        how strongly each pulses at the bpm its text states (`audio_tokenizers.spectral.pulse_strength`, 0 to 1;
+        NaN where the text states none)}; the pulse is left out with pulse=False."""
         t = self.mulan.embed_text(texts)
-        score = (self.mulan.embed_audio(candidates, self.sample_rate).reshape(len(texts), k, -1) * t[:, None]).sum(-1)
-        if tempo_weight:
+        terms = {"mulan": (self.mulan.embed_audio(candidates, self.sample_rate).reshape(len(texts), k, -1)
+                           * t[:, None]).sum(-1)}
+        if pulse:
             from audio_tokenizers.spectral import pulse_strength
+            terms["pulse"] = torch.full((len(texts), k), float("nan"))
             for i, text in enumerate(texts):
                 bpm = bpm_in_text(text)
                 if bpm:
-                    score[i] += tempo_weight * pulse_strength(candidates[i * k:(i + 1) * k, 0], self.sample_rate, bpm)
-        return score
+                    terms["pulse"][i] = pulse_strength(candidates[i * k:(i + 1) * k, 0], self.sample_rate, bpm)
+        return terms
 
     def rerank(self, texts: list[str], candidates: torch.Tensor, k: int, tempo_weight: float = 0.0) -> torch.Tensor:
-        """The best of each text's k candidates by `rerank_scores` -> [B, 1, N]."""
-        best = self.rerank_scores(texts, candidates, k, tempo_weight).argmax(1)
+        """The best of each text's k candidates by `rerank_score` (MuLan cosine + tempo_weight x pulse) -> [B, 1, N]."""
+        best = rerank_score(self.rerank_terms(texts, candidates, k, pulse=bool(tempo_weight)), tempo_weight).argmax(1)
         return candidates.reshape(len(texts), k, *candidates.shape[1:])[torch.arange(len(texts)), best]
 
 

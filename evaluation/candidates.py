@@ -1,7 +1,7 @@
 """What best-of-K has to choose from: K candidates per prompt, made in one batch as `pipeline.py --rerank K`
 makes them, each scored for the tempo, key and instrument its prompt asks for (evaluation.adherence), with its
 MuLan cosine to the prompt and its pulse at the bpm the prompt states; then how often each way of picking one
-lands on a right candidate: the first (one sample), the pipeline's rule (`Pipeline.rerank_scores`), MuLan alone,
+lands on a right candidate: the first (one sample), the pipeline's rule (`pipeline.rerank_score`), MuLan alone,
 and any candidate at all (an oracle that knows the answer: the ceiling of reranking).
 
     python -m evaluation.candidates --prompts corpus/test.jsonl --limit 50 --k 4 --out eval/cand \
@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.errors import UserError, run_cli
 from evaluation import use_threads
@@ -59,10 +58,8 @@ def table(summary: dict, k: int) -> str:
 
 
 def main() -> None:
-    from audio_tokenizers.spectral import pulse_strength
-    from data.attributes import bpm_in_text
     from evaluation.adherence import adherence
-    from pipeline import GenerationOptions, Pipeline, load_parts
+    from pipeline import GenerationOptions, Pipeline, load_parts, rerank_score
     from pipeline_cli import part_paths
     ap = argparse.ArgumentParser(prog="python -m evaluation.candidates", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=Path, required=True)
@@ -89,12 +86,10 @@ def main() -> None:
     for i, row in enumerate(rows):
         text = row["caption"]
         wav = pipe.generate([text] * args.k, args.duration, options=GenerationOptions(seed=args.seed))
-        mulan = pipe.rerank_scores([text], wav, args.k)[0]
-        score = pipe.rerank_scores([text], wav, args.k, args.rerank_tempo)[0]
-        bpm = bpm_in_text(text)
-        pulse = pulse_strength(wav[:, 0], pipe.sample_rate, bpm) if bpm else None
+        terms = pipe.rerank_terms([text], wav, args.k)
+        mulan, pulse, score = terms["mulan"][0], terms["pulse"][0], rerank_score(terms, args.rerank_tempo)[0]
         clips = [{"mulan": round(float(mulan[j]), 4), "score": round(float(score[j]), 4),
-                  **({"pulse": round(float(pulse[j]), 4)} if pulse is not None else {})} for j in range(args.k)]
+                  **({} if pulse[j].isnan() else {"pulse": round(float(pulse[j]), 4)})} for j in range(args.k)]
         adherence([row] * args.k, [w[0].numpy() for w in wav], pipe.sample_rate, classifier, clips)
         per_prompt.append(clips)
         print(f"[{i + 1}/{len(rows)}] {text[:60]}: " + ", ".join(f"{m} {sum(bool(c.get(m)) for c in clips)}/{args.k}"

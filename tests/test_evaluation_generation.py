@@ -7,9 +7,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from common.errors import UserError
 from evaluation.adherence import estimate_key, estimate_tempo, normalise_key, tempo_correct
 from evaluation.metrics import cycle_consistency, frechet_distance, kl_divergence
-from common.errors import UserError
 from tests.helpers import assert_clean_error, run_module, save_debug_parts
 
 SR = 24000
