@@ -59,6 +59,8 @@ class MuLanConfig(RunConfig):
     lock_audio: str = ""               # a MuLan whose audio tower and RVQ are kept: only the text tower trains
                                        # (mulan_lit.py), so the audio tokens stay that MuLan's
     locked_audio_hash: str = ""        # filled at training time: the hash of the MuLan whose audio tokens this makes
+    dev_prompts: str = ""              # lock_audio runs: a jsonl of prompts with instrument_label; each evaluation
+                                       # scores them and keeps the best step in out/best (choose the step by it)
     # training (and the run fields: common.training.RunConfig, with this part's defaults)
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"

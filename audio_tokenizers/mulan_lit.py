@@ -13,6 +13,7 @@ The checkpoint records `locked_audio_hash`, the hash of the MuLan whose audio to
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,12 @@ class LockedAudioTask:
         torch.manual_seed(cfg.seed)
         self.rows = captioned_rows(cfg.train_manifest)
         self.model, cfg.locked_audio_hash = load_locked(cfg)
+        self.dev = DevPrompts(cfg.dev_prompts, self.rows) if cfg.dev_prompts else None   # checked before the bank
         for name, p in self.model.named_parameters():
             p.requires_grad_(name.startswith("text.") or name == "logit_scale")
         bank_file = Path(cfg.out) / "audio_bank.pt"
         saved = torch.load(bank_file) if bank_file.is_file() else {}
-        if saved.get("hash") == cfg.locked_audio_hash:
+        if saved.get("hash") == cfg.locked_audio_hash and len(saved["bank"]) == len(self.rows):
             self.bank = saved["bank"]
         else:
             self.bank = audio_bank(self.model, self.rows, cfg.rvq_crops_per_clip, cfg.seed)
@@ -98,6 +100,11 @@ class LockedAudioTask:
             torch.save({"hash": cfg.locked_audio_hash, "bank": self.bank}, bank_file.with_suffix(".tmp"))
             bank_file.with_suffix(".tmp").replace(bank_file)
         self.valid = read_manifest(cfg.valid_manifest)[: cfg.eval_clips]
+        if self.dev is not None:
+            self.dev.set_centroids(self.bank[:, 0])
+        self.step, self.best = 0, -1.0
+        if self.dev is not None:
+            print(f"dev prompts at the start: {self.evaluate_dev(self.model):.3f}", flush=True)
         trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         print(f"text tower: {trained / 1e6:.2f} M trained parameters; audio locked ({cfg.locked_audio_hash}); "
               f"bank {tuple(self.bank.shape)}", flush=True)
@@ -106,6 +113,7 @@ class LockedAudioTask:
         if world > 1:
             raise UserError("lock_audio trains on one process (a text-only step is cheap); run it without torchrun")
         cfg, g = self.cfg, step_generator(self.cfg.seed, step, micro)
+        self.step = step + 1                         # the step an evaluation after this one reports
         idx = torch.randint(len(self.rows), (cfg.batch_size,), generator=g)
         view = torch.randint(self.bank.shape[1], (cfg.batch_size,), generator=g)
         a = self.bank[idx, view].to(self.model.logit_scale.device)
@@ -120,10 +128,55 @@ class LockedAudioTask:
         return loss, {"temperature": float(1 / self.model.logit_scale.exp())}
 
     def evaluate(self, model) -> dict:
-        return retrieval(self.model, self.valid)
+        scores = retrieval(self.model, self.valid)
+        if self.dev is not None:
+            scores["dev_instrument"] = self.evaluate_dev(model)
+        return scores
+
+    def evaluate_dev(self, model) -> float:
+        """The dev prompts' score; a new best (the first wins a tie: fewer steps) is saved in out/best."""
+        score = self.dev.accuracy(model)
+        if score > self.best:
+            self.best = score
+            save_checkpoint(Path(self.cfg.out) / "best", "mulan", config_to_dict(self.cfg), model.state_dict(),
+                            meta={"step": self.step, "dev_instrument": score})
+        return score
 
     def finish(self, model) -> Path:
         out = Path(self.cfg.out) / "model"
         save_checkpoint(out, "mulan", config_to_dict(self.cfg), model.state_dict())
         print(f"saved {out}", flush=True)
+        if self.dev is not None:
+            print(f"best on the dev prompts: {self.best:.3f} ({Path(self.cfg.out) / 'best'})", flush=True)
         return out
+
+
+class DevPrompts:
+    """Prompts kept apart from training and from the evaluation prompts, to choose a LiT step by: the share of
+    them whose text embedding lies nearest the locked audio tower's mean embedding of the named instrument's
+    training clips (zero-shot naming against the audio side, which LiT does not move)."""
+
+    def __init__(self, path: str, rows: list[dict]):
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] \
+            if Path(path).is_file() else []
+        labels = sorted({r["instrument_label"] for r in rows if r.get("instrument_label")})
+        self.texts = [d["caption"] for d in lines]
+        unknown = sorted({d.get("instrument_label") for d in lines} - set(labels), key=str)
+        if not lines or unknown:
+            raise UserError(f"dev_prompts={path}: needs JSON lines with a caption and an instrument_label of the "
+                            f"training clips (missing file, or labels not in training: {unknown[:5]})")
+        self.target = torch.tensor([labels.index(d["instrument_label"]) for d in lines])
+        self.members = [[i for i, r in enumerate(rows) if r.get("instrument_label") == lab] for lab in labels]
+        self.centroids = torch.empty(0)
+
+    def set_centroids(self, whole: torch.Tensor) -> None:
+        """whole: [N, D] locked audio embeddings of the training rows, in their order."""
+        self.centroids = F.normalize(torch.stack([whole[m].mean(0) for m in self.members]), dim=-1)
+
+    @torch.no_grad()
+    def accuracy(self, model: MuLan) -> float:
+        was = model.training
+        model.eval()
+        t = model.embed_text(self.texts)
+        model.train(was)
+        return round(float(((t @ self.centroids.t()).argmax(1) == self.target).float().mean()), 4)

@@ -156,10 +156,18 @@ def test_locked_audio_retrains_only_the_text_tower(trained):
     from data.tokenize import checkpoint_hash, mulan_audio_hashes
     d, manifest = trained
     base = d / "run/model"
+    dev = d / "dev.jsonl"    # dev prompts: the tiny corpus's own captions and labels stand in
+    dev.write_text("".join(json.dumps({"caption": r["caption"], "instrument_label": r["instrument_label"]}) + "\n"
+                           for r in read_manifest(manifest)[:6]))
     proc = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
                       f"train_manifest={manifest}", f"valid_manifest={manifest}", f"out={d / 'lit'}", "steps=25",
-                      "batch_size=16", "lr=0.003")
+                      "batch_size=16", "lr=0.003", f"dev_prompts={dev}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(l)["valid"] for l in (d / "lit/metrics.jsonl").read_text().splitlines() if '"valid"' in l]
+    best = load_checkpoint(d / "lit/best", kind="mulan").meta    # the start or the best evaluated step
+    assert all(0 <= e["dev_instrument"] <= 1 for e in evals) and best["dev_instrument"] >= max(e["dev_instrument"]
+                                                                                                for e in evals)
+    assert best["step"] in (0, 15, 25)
     old, new = load_checkpoint(base, kind="mulan").state_dict, load_checkpoint(d / "lit/model", kind="mulan").state_dict
     assert old.keys() == new.keys()
     locked = [k for k in old if not k.startswith("text.") and k != "logit_scale"]
@@ -174,3 +182,8 @@ def test_locked_audio_retrains_only_the_text_tower(trained):
                      "text_dim=64", f"train_manifest={manifest}", f"out={d / 'lit_bad'}", "steps=2")
     assert_clean_error(bad, "text_dim")
     assert not (d / "lit_bad/model").exists()
+    dev.write_text('{"caption": "a theremin", "instrument_label": "theremin"}\n')
+    bad = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
+                     f"train_manifest={manifest}", f"out={d / 'lit_bad'}", "steps=2", f"dev_prompts={dev}")
+    assert_clean_error(bad, "theremin")
+    assert not (d / "lit_bad/audio_bank.pt").exists()     # refused before the bank is computed
