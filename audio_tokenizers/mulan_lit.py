@@ -100,10 +100,9 @@ class LockedAudioTask:
             torch.save({"hash": cfg.locked_audio_hash, "bank": self.bank}, bank_file.with_suffix(".tmp"))
             bank_file.with_suffix(".tmp").replace(bank_file)
         self.valid = read_manifest(cfg.valid_manifest)[: cfg.eval_clips]
-        if self.dev is not None:
-            self.dev.set_centroids(self.bank[:, 0])
         self.step, self.best = 0, -1.0
         if self.dev is not None:
+            self.dev.set_centroids(self.bank[:, 0])
             print(f"dev prompts at the start: {self.evaluate_dev(self.model):.3f}", flush=True)
         trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         print(f"text tower: {trained / 1e6:.2f} M trained parameters; audio locked ({cfg.locked_audio_hash}); "
@@ -157,14 +156,18 @@ class DevPrompts:
     training clips (zero-shot naming against the audio side, which LiT does not move)."""
 
     def __init__(self, path: str, rows: list[dict]):
-        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] \
-            if Path(path).is_file() else []
+        try:
+            lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError):
+            lines = []
+        if not all(isinstance(d, dict) and d.get("caption") for d in lines):
+            lines = []
         labels = sorted({r["instrument_label"] for r in rows if r.get("instrument_label")})
         self.texts = [d["caption"] for d in lines]
         unknown = sorted({d.get("instrument_label") for d in lines} - set(labels), key=str)
         if not lines or unknown:
             raise UserError(f"dev_prompts={path}: needs JSON lines with a caption and an instrument_label of the "
-                            f"training clips (missing file, or labels not in training: {unknown[:5]})")
+                            f"training clips (missing or unreadable file, or labels not in training: {unknown[:5]})")
         self.target = torch.tensor([labels.index(d["instrument_label"]) for d in lines])
         self.members = [[i for i, r in enumerate(rows) if r.get("instrument_label") == lab] for lab in labels]
         self.centroids = torch.empty(0)
