@@ -20,8 +20,8 @@ from audio_tokenizers.semantic import load_semantic
 from common.errors import AudioError, UserError
 from data.audio import crop_or_pad, load_audio
 from data.manifest import SkipCounter, iter_audio, read_manifest
-from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, describe, mulan_audio_hashes,
-                           text_tokens, write_cache)
+from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, checkpoint_hashes, describe,
+                           mulan_audio_hashes, text_tokens, write_cache)
 
 
 def add_text_tokens(manifests: list[Path], out: Path, mulan_path: str | None, rephrasings: int) -> None:
@@ -88,21 +88,21 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
              rephrasings: int = REPHRASINGS) -> int:
     acoustic, semantic, mulan = load_acoustic(paths["acoustic"]), load_semantic(paths["semantic"]), \
         load_conditioner(paths["mulan"])
-    hashes = {k: checkpoint_hash(p) for k, p in (("acoustic", paths["acoustic"] or "pretrained/acoustic"),
-                                                 ("semantic", paths["semantic"] or "pretrained/semantic_tokenizer"),
-                                                 ("mulan", paths["mulan"] or "pretrained/mulan"))}
+    where = {"acoustic": paths["acoustic"] or "pretrained/acoustic",
+             "semantic": paths["semantic"] or "pretrained/semantic_tokenizer", "mulan": paths["mulan"] or "pretrained/mulan"}
+    hashes = {k: checkpoint_hash(p) for k, p in where.items()}
     old = None
     if (out / "index.json").is_file():   # appending: the same tokenizers, and a cache that is whole
         existing = TokenCache(out)
         old = existing.index
         made_by = old["tokenizer_hashes"]
         # a MuLan whose text tower was retrained on the locked audio tower makes the same audio tokens
-        if any(made_by[k] != hashes[k] for k in ("acoustic", "semantic")) or \
-                made_by["mulan"] not in mulan_audio_hashes(paths["mulan"] or "pretrained/mulan"):
+        if any(made_by[k] not in checkpoint_hashes(where[k]) for k in ("acoustic", "semantic")) or \
+                made_by["mulan"] not in mulan_audio_hashes(where["mulan"]):
             raise UserError(f"{out} was made by other tokenizers ({made_by} vs {hashes}); "
                             "use a new --out folder")
         text_by = old.get("text_tokens_by", made_by["mulan"])   # caches from before it was recorded: the index's MuLan
-        if text_by != hashes["mulan"]:   # one cache, one text tower: its caption tokens are one vocabulary
+        if text_by not in checkpoint_hashes(where["mulan"]):   # one cache, one text tower: one caption vocabulary
             raise UserError(f"{out}'s caption tokens were made by the text tower of MuLan {text_by}, --mulan's is "
                             f"{hashes['mulan']}; first re-make them all with this MuLan (--text-only --mulan ... "
                             "--manifest <the cache's manifests>), then append")

@@ -37,14 +37,21 @@ BATCH = 8
 REPHRASINGS = 8
 
 
-def checkpoint_hash(path: str | Path) -> str:
-    """sha256 over a checkpoint folder's files (or a single file), first 16 hex digits."""
+def checkpoint_hash(path: str | Path, docs: bool = False) -> str:
+    """sha256 over a checkpoint folder's files (or a single file), first 16 hex digits. Its cards and notes (*.md)
+    are left out unless `docs`: editing a card must not make every cache built with the model look foreign."""
     path, h = Path(path), hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file() and not f.name.startswith("."):
+        if f.is_file() and not f.name.startswith(".") and (docs or f.suffix != ".md" or not path.is_dir()):
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def checkpoint_hashes(path: str | Path) -> set[str]:
+    """The hashes a cache may have recorded for this checkpoint: the current one and, for caches made before cards
+    were left out, the hash over all its files (valid while its card is unedited)."""
+    return {checkpoint_hash(path), checkpoint_hash(path, docs=True)}
 
 
 def mulan_audio_hashes(path: str | Path) -> set[str]:
@@ -52,7 +59,7 @@ def mulan_audio_hashes(path: str | Path) -> set[str]:
     was retrained against a locked audio tower (audio_tokenizers/mulan_lit.py) the hash of the MuLan it locked."""
     cfg_file = Path(path) / "config.json"
     locked = json.loads(cfg_file.read_text()).get("config", {}).get("locked_audio_hash") if cfg_file.is_file() else None
-    return {checkpoint_hash(path)} | ({locked} if locked else set())
+    return checkpoint_hashes(path) | ({locked} if locked else set())
 
 
 class TokenCache:

@@ -57,6 +57,33 @@ def test_cache_refuses_other_tokenizers(parts, tmp_path):
     assert TokenCache(tmp_path / "cache").arrays["semantic"].shape[0] == 4  # untouched
 
 
+def test_editing_a_models_card_keeps_the_caches_made_with_it(parts, tmp_path):
+    """A card (*.md) is not part of a checkpoint's identity; a cache that recorded the hash over all files (as
+    caches made before cards were left out did) is still accepted while the card is unedited."""
+    import shutil
+
+    from data.tokenize import checkpoint_hash
+    for name in ("acoustic", "semantic", "mulan"):
+        shutil.copytree(parts / name, tmp_path / name)
+        (tmp_path / name / "CARD.md").write_text("first card\n")
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", paths(tmp_path), seconds=1.0)
+    index_file = tmp_path / "cache/index.json"
+    index = json.loads(index_file.read_text())
+    index["tokenizer_hashes"] = {k: checkpoint_hash(tmp_path / k, docs=True) for k in index["tokenizer_hashes"]}
+    index["text_tokens_by"] = index["tokenizer_hashes"]["mulan"]
+    index_file.write_text(json.dumps(index))            # as an old cache recorded them
+    tokenize([parts / "m.jsonl"], tmp_path / "cache", paths(tmp_path), seconds=1.0)
+    before = checkpoint_hash(tmp_path / "mulan")
+    for name in ("acoustic", "semantic", "mulan"):
+        (tmp_path / name / "CARD.md").write_text("the card, edited\n")
+    assert checkpoint_hash(tmp_path / "mulan") == before != checkpoint_hash(tmp_path / "mulan", docs=True)
+    fresh = tmp_path / "cache2"
+    tokenize([parts / "m.jsonl"], fresh, paths(tmp_path), seconds=1.0)
+    (tmp_path / "mulan" / "CARD.md").write_text("edited again\n")
+    tokenize([parts / "m.jsonl"], fresh, paths(tmp_path), seconds=1.0)
+    assert TokenCache(fresh).arrays["mulan"].shape[0] == 8 and TokenCache(tmp_path / "cache").arrays["mulan"].shape[0] == 8
+
+
 def test_append_accepts_a_mulan_retrained_on_the_locked_audio_tower(parts, tmp_path):
     import shutil
 
