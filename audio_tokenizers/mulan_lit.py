@@ -13,7 +13,6 @@ The checkpoint records `locked_audio_hash`, the hash of the MuLan whose audio to
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from common.errors import UserError
 from common.training import step_generator
 from data import captions as cap
 from data.audio import crop_or_pad
-from data.manifest import SkipCounter, iter_audio, read_manifest
+from data.manifest import SkipCounter, iter_audio, read_manifest, read_prompts
 
 # fields that must match the locked MuLan: they shape its weights or its tokens
 SHAPE_FIELDS = ("sample_rate", "embed_dim", "n_mels", "audio_dim", "audio_layers", "audio_heads", "crop_seconds",
@@ -157,17 +156,15 @@ class DevPrompts:
 
     def __init__(self, path: str, rows: list[dict]):
         try:
-            lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        except (OSError, json.JSONDecodeError):
-            lines = []
-        if not all(isinstance(d, dict) and d.get("caption") for d in lines):
-            lines = []
+            lines = read_prompts(path)
+        except UserError as e:
+            raise UserError(f"dev_prompts={path}: {e}") from None
         labels = sorted({r["instrument_label"] for r in rows if r.get("instrument_label")})
         self.texts = [d["caption"] for d in lines]
         unknown = sorted({d.get("instrument_label") for d in lines} - set(labels), key=str)
-        if not lines or unknown:
-            raise UserError(f"dev_prompts={path}: needs JSON lines with a caption and an instrument_label of the "
-                            f"training clips (missing or unreadable file, or labels not in training: {unknown[:5]})")
+        if unknown:
+            raise UserError(f"dev_prompts={path}: every prompt needs an instrument_label of the training clips "
+                            f"(not in training, or missing: {unknown[:5]})")
         self.target = torch.tensor([labels.index(d["instrument_label"]) for d in lines])
         self.members = [[i for i, r in enumerate(rows) if r.get("instrument_label") == lab] for lab in labels]
         self.centroids = torch.empty(0)

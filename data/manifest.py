@@ -52,6 +52,36 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Prompts to generate from or score: a JSONL file (a manifest with reference audio, made absolute, or rows of
+    metadata with a `caption`) or a text file with one prompt per line -> rows with a non-empty `caption`.
+    A missing file, a bad JSON line or no prompt at all is a one-line error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} not found; give a JSONL manifest or a text file, one prompt per line")
+    if path.suffix != ".jsonl":
+        rows = [{"caption": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    else:
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n} is not valid JSON; each line must be one object with a caption") from None
+            if not isinstance(row, dict):
+                raise UserError(f'{path}:{n} is not a JSON object; each line needs {{"caption": text}}')
+            rows.append(row)
+        if rows and all("audio" in r for r in rows):   # a manifest: its references are scored too
+            for r in rows:
+                r["audio"] = str((path.parent / r["audio"]).resolve())
+    rows = [r for r in rows if isinstance(r.get("caption"), str) and r["caption"].strip()]
+    if not rows:
+        raise UserError(f"{path} has no prompts (empty captions are skipped)")
+    return rows
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows as JSON Lines atomically."""
     path = Path(path)

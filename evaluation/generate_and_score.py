@@ -31,7 +31,7 @@ import torch
 from evaluation import use_threads
 from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio, write_wav
-from data.manifest import read_manifest
+from data.manifest import read_manifest, read_prompts
 
 TABLE_KEYS = ["fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "key_acc", "instrument_acc",
               "instrument_distinct_correct",
@@ -39,17 +39,7 @@ TABLE_KEYS = ["fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_a
 
 
 def load_prompts(path: Path, limit: int) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"prompts file {path} not found; give a JSONL manifest or a text file, one prompt per line")
-    if path.suffix == ".jsonl":   # a manifest (with reference audio) or prompts with metadata only
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows = read_manifest(path) if lines and all("audio" in r for r in lines) else lines
-        rows = [r for r in rows if r.get("caption", "").strip()]
-    else:
-        rows = [{"caption": line.strip()} for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise UserError(f"{path} has no prompts (empty captions are skipped)")
-    return rows[:limit]
+    return read_prompts(path)[:limit]
 
 
 @torch.no_grad()

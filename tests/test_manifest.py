@@ -6,7 +6,7 @@ import soundfile as sf
 
 from common.errors import UserError
 from data.dataset import ClipDataset
-from data.manifest import build_manifest, iter_audio, read_manifest, SkipCounter, write_jsonl
+from data.manifest import build_manifest, iter_audio, read_manifest, read_prompts, SkipCounter, write_jsonl
 from tests.helpers import assert_clean_error, run_module, sine
 
 
@@ -69,6 +69,28 @@ def test_manifest_errors(tmp_path):
     write_jsonl(tmp_path / "noaudio.jsonl", [{"caption": "x"}])
     with pytest.raises(UserError, match='lacks the "audio" field'):
         read_manifest(tmp_path / "noaudio.jsonl")
+
+
+
+def test_prompts_read_from_manifests_metadata_and_text(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "caption": "a harp"}\n\n{"audio": "b.wav", "caption": " "}\n')
+    rows = read_prompts(tmp_path / "m.jsonl")
+    assert [r["caption"] for r in rows] == ["a harp"] and rows[0]["audio"] == str((tmp_path / "a.wav").resolve())
+    (tmp_path / "p.jsonl").write_text('{"caption": "fast drums", "instrument_label": "drums"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == [{"caption": "fast drums", "instrument_label": "drums"}]
+    (tmp_path / "p.txt").write_text("a slow cello\n\n  a bright piano \n")
+    assert [r["caption"] for r in read_prompts(tmp_path / "p.txt")] == ["a slow cello", "a bright piano"]
+    (tmp_path / "bad.jsonl").write_text('{"caption": "ok"}\n{"caption": "no end"\n')
+    with pytest.raises(UserError, match="bad.jsonl:2 is not valid JSON"):
+        read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "list.jsonl").write_text('["a harp"]\n')
+    with pytest.raises(UserError, match="list.jsonl:1 is not a JSON object"):
+        read_prompts(tmp_path / "list.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UserError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(UserError, match="not found"):
+        read_prompts(tmp_path / "none.jsonl")
 
 
 def test_cli_builds_and_reports(music_dir, tmp_path):
