@@ -60,14 +60,9 @@ def test_ddp_matches_one_process_and_sigkill_resume_is_bit_identical(trainer, da
     """One uninterrupted run is the reference for both: torchrun with 2 processes logs the same losses (within
     1e-4), and a run killed with SIGKILL after a checkpoint, then resumed, ends with the same weights bit for bit."""
     steps = 8
-    straight = run_module(*command(trainer, data, tmp_path / "a", steps))
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", *command(trainer, data, tmp_path / "two", steps)], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "two")
-    assert len(a) == len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    # the reference run and the run to be killed go side by side (one core each), then DDP takes both cores
+    straight = subprocess.Popen([sys.executable, "-m", *command(trainer, data, tmp_path / "a", steps)], cwd=ROOT,
+                                env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
     proc = subprocess.Popen([sys.executable, "-m", *command(trainer, data, tmp_path / "b", steps)], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -78,6 +73,13 @@ def test_ddp_matches_one_process_and_sigkill_resume_is_bit_identical(trainer, da
             break
         time.sleep(0.02)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert straight.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", *command(trainer, data, tmp_path / "two", steps)], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "two")
+    assert len(a) == len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     resumed = run_module(*command(trainer, data, tmp_path / "b", steps), "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
     a, b = (load_checkpoint(tmp_path / d / "last") for d in ("a", "b"))
