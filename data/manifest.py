@@ -38,18 +38,22 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"manifest {path} not found; build one with `python -m data.manifest`")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not valid JSON; each line must be one object") from None
+    for n, row in _json_lines(path, "each line must be one object"):
         if not isinstance(row, dict) or "audio" not in row:
             raise UserError(f'{path}:{n} lacks the "audio" field; each line needs {{"audio": path}}')
         row["audio"] = str((path.parent / row["audio"]).resolve())
         rows.append(row)
     return rows
+
+
+def _json_lines(path: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-empty line; a bad line is a one-line error ending in `what`."""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n} is not valid JSON; {what}") from None
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -63,13 +67,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
         rows = [{"caption": line.strip()} for line in path.read_text().splitlines() if line.strip()]
     else:
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n} is not valid JSON; each line must be one object with a caption") from None
+        for n, row in _json_lines(path, "each line must be one object with a caption"):
             if not isinstance(row, dict):
                 raise UserError(f'{path}:{n} is not a JSON object; each line needs {{"caption": text}}')
             rows.append(row)
