@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from evaluation import use_threads
-from common.errors import UserError, run_cli
+from common.errors import run_cli
 from data.audio import crop_or_pad, load_audio, write_wav
 from data.manifest import read_manifest, read_prompts
 
