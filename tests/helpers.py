@@ -20,6 +20,16 @@ def run_module(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def run_modules(*commands: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Several independent `python -m ...` runs side by side (most of a short CLI run is interpreter and torch
+    start-up, which two cores do in parallel); their results in the order given."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-m", *c], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     """Exit code 2, one line on stderr starting with 'error:', containing `words`, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr)

@@ -8,7 +8,7 @@ from audio_tokenizers.semantic import SemanticTokenizer, SemanticTokenizerConfig
 from audio_tokenizers.semantic_train import BestRQ, augment, fit_kmeans, span_mask
 from common.config import load_config
 from common.errors import AudioError, CheckpointError
-from tests.helpers import ROOT, assert_clean_error, run_module, sine
+from tests.helpers import ROOT, assert_clean_error, run_module, run_modules, sine
 
 
 def debug_cfg(**kw) -> SemanticTokenizerConfig:
@@ -183,16 +183,17 @@ def test_train_resume_and_encode_cli(manifest, tmp_path):
     proc = run_module(*args, "steps=20", "--resume")
     assert proc.returncode == 0 and "at step 10" in proc.stdout, proc.stderr[-2000:]
     wav = manifest.parent / "2.wav"
-    proc = run_module("audio_tokenizers.semantic", "encode", str(wav), str(wav),
-                      "--checkpoint", str(tmp_path / "run/tokenizer"))
+    encode = ["audio_tokenizers.semantic", "encode"]
+    proc, unreadable, not_a_tokenizer = run_modules(
+        [*encode, str(wav), str(wav), "--checkpoint", str(tmp_path / "run/tokenizer")],
+        [*encode, str(tmp_path / "none.wav"), "--checkpoint", str(tmp_path / "run/tokenizer")],
+        [*encode, str(wav), "--checkpoint", str(tmp_path / "run/last")])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(str(wav))
     assert len(lines[0].split()) == 1 + 50
-    assert_clean_error(run_module("audio_tokenizers.semantic", "encode", str(tmp_path / "none.wav"),
-                                  "--checkpoint", str(tmp_path / "run/tokenizer")), "unreadable")
-    assert_clean_error(run_module("audio_tokenizers.semantic", "encode", str(wav),
-                                  "--checkpoint", str(tmp_path / "run/last")), "semantic_ssl")
+    assert_clean_error(unreadable, "unreadable")
+    assert_clean_error(not_a_tokenizer, "semantic_ssl")
 
 
 def test_published_folder_errors(tmp_path):
