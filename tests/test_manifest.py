@@ -71,7 +71,6 @@ def test_manifest_errors(tmp_path):
         read_manifest(tmp_path / "noaudio.jsonl")
 
 
-
 def test_prompts_read_from_manifests_metadata_and_text(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "caption": "a harp"}\n\n{"audio": "b.wav", "caption": " "}\n')
     rows = read_prompts(tmp_path / "m.jsonl")

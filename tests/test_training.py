@@ -61,8 +61,9 @@ def test_ddp_matches_one_process_and_sigkill_resume_is_bit_identical(trainer, da
     1e-4), and a run killed with SIGKILL after a checkpoint, then resumed, ends with the same weights bit for bit."""
     steps = 8
     # the reference run and the run to be killed go side by side (one core each), then DDP takes both cores
-    straight = subprocess.Popen([sys.executable, "-m", *command(trainer, data, tmp_path / "a", steps)], cwd=ROOT,
-                                env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
+    with open(tmp_path / "a.err", "w") as err:   # the child keeps its own copy of the handle
+        straight = subprocess.Popen([sys.executable, "-m", *command(trainer, data, tmp_path / "a", steps)], cwd=ROOT,
+                                    env=env(), stdout=subprocess.DEVNULL, stderr=err)
     proc = subprocess.Popen([sys.executable, "-m", *command(trainer, data, tmp_path / "b", steps)], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
