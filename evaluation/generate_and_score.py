@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from evaluation import use_threads
-from common.errors import run_cli
+from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio, write_wav
 from data.manifest import read_manifest, read_prompts
 
@@ -39,7 +39,14 @@ TABLE_KEYS = ["fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_a
 
 
 def load_prompts(path: Path, limit: int) -> list[dict]:
-    return read_prompts(path)[:limit]
+    """The first `limit` prompts; a manifest's reference audio must all be there (checked before any generation,
+    which the references are scored beside only at the end)."""
+    rows = read_prompts(path)[:limit]
+    missing = [r["audio"] for r in rows if "audio" in r and not Path(r["audio"]).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} reference clips of {path} are missing, e.g. {missing[0]}; the manifest's "
+                        f"relative audio paths are read from its own folder: keep it beside its audio/ or make them absolute")
+    return rows
 
 
 @torch.no_grad()

@@ -117,6 +117,13 @@ def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path, monkey
     assert (tmp_path / "gen/grid.png").stat().st_size > 1000
     assert_clean_error(run_module("evaluation.generate_and_score", "--prompts", str(tmp_path / "none.txt"),
                                   "--out", str(tmp_path / "x")), "not found")
+    # a manifest copied away from its audio/ fails before generating anything, not at scoring time
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved/test.jsonl").write_text((parts / "test.jsonl").read_text())
+    assert_clean_error(run_module("evaluation.generate_and_score", "--prompts", str(tmp_path / "moved/test.jsonl"),
+                                  "--out", str(tmp_path / "y"), *map(str, stage_flags(parts))), "2 reference clips",
+                       "missing", "own folder")
+    assert not (tmp_path / "y").exists()
 
 
 def test_rerank_keeps_the_candidate_at_the_stated_tempo(parts):
