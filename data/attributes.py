@@ -98,6 +98,12 @@ def tempo_bpm(tempo_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(tempo_ids > 0, bpm, torch.zeros_like(bpm))
 
 
+def beat_frames(attrs: torch.Tensor, rate: float) -> torch.Tensor:
+    """ids [B, 2] -> each row's beat in frames at `rate` Hz [B] (float; 0 where no tempo is stated)."""
+    bpm = tempo_bpm(attrs[:, 0])
+    return torch.where(bpm > 0, rate * 60 / bpm.clamp(min=1e-9), torch.zeros_like(bpm)).float()
+
+
 def beat_grid(attrs: torch.Tensor, frames: int, rate: float, start: float | torch.Tensor = 0.0) -> torch.Tensor:
     """A beat clock from each row's tempo id: ids [B, 2] -> [B, frames] beat-phase ids, frame t (at `rate` Hz) of a
     window that begins `start` seconds into the clip (a number, or one per row [B]) in bin

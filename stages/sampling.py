@@ -17,6 +17,7 @@ class Sampling:
     top_p: float | list = 1.0      # 1.0: off
     guidance: float = 1.0          # classifier-free guidance scale; 1.0: off
     attribute_guidance: float = 0.0   # attribute stages: extra push toward the stated tempo and key (see `guide`)
+    beat_copy: float = 0.0         # semantic stages, prompts stating a bpm: logit bonus of the id one beat back (`beat_bias`)
     # masked (MAGNeT) decoding only
     steps: int | list = 10         # decoding steps per level (the paper: [20, 10, 10, 10])
     guidance_end: float | None = None   # anneal guidance to this as the mask empties (the paper: 10 -> 1)
@@ -90,6 +91,23 @@ def guided_rows(s: Sampling, has_null: bool, attrs: torch.Tensor | None) -> int:
     return 2 if s.guidance != 1.0 else 1
 
 
+def beat_bias(logits: torch.Tensor, history: torch.Tensor, lag: torch.Tensor, weight: float) -> torch.Tensor:
+    """Add `weight` to the logit of the id one beat back: logits [B, V], history [B, t] (the ids before this frame,
+    at one id per frame), lag [B] the beat in frames (0: no tempo stated; left alone). Real semantic ids repeat at
+    the beat more than off it, generated ones do not (the project's semantic periodicity check); this prior puts
+    the stated pulse into the ids. A fractional beat (20.8 frames at 72 bpm and 25 Hz) splits the bonus between
+    the ids floor(lag) and ceil(lag) back, in proportion, so the mean period is the beat itself, not a rounded one."""
+    if weight == 0.0:
+        return logits
+    t = history.shape[1]
+    for back, share in ((lag.floor(), 1 - lag.frac()), (lag.ceil(), lag.frac())):
+        ok = (lag > 0) & (back >= 1) & (back <= t)
+        if bool(ok.any()):
+            ids = history.gather(1, (t - back.long()).clamp(0, max(t - 1, 0))[:, None])
+            logits = logits.scatter_add(1, ids, (weight * share * ok).to(logits.dtype)[:, None])
+    return logits
+
+
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> ids [B]; temperature 0 means greedy."""
     if s.temperature <= 0:
@@ -103,7 +121,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
              s: Sampling = Sampling(), forced: torch.Tensor | None = None, null_prefix: torch.Tensor | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True, progress=None,
              extra: torch.Tensor | None = None, attrs: torch.Tensor | None = None,
-             null_attrs: torch.Tensor | None = None, null_extra: torch.Tensor | None = None) -> torch.Tensor:
+             null_attrs: torch.Tensor | None = None, null_extra: torch.Tensor | None = None,
+             beat_lag: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prefix` [B, P] with len(levels) tokens of the given levels -> [B, len(levels)].
 
     `forced` [B, N] gives tokens to copy instead of sampling where >= 0 (e.g. known coarse
@@ -116,6 +135,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     as training drops them with the condition; default: the same as `attrs`); with s.attribute_guidance a third
     group of rows, the condition with `null_attrs`, runs beside them (see `guide`). `null_extra`: the side input
     of the rows with `null_attrs` where it differs (the beat clock follows the tempo attribute; default `extra`).
+    `beat_lag` [B]: each row's beat in frames for s.beat_copy (a one-level stage, one id per frame: the ids looked
+    back at are the prefix's positions of the generated level, then the new ones).
     """
     B, P = prefix.shape
     N = len(levels)
@@ -132,6 +153,7 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
     if attrs is not None and guided:
         null_attrs = attrs if null_attrs is None else null_attrs
         attrs = torch.cat([attrs, null_attrs, null_attrs][:G])
+    own = prefix[:, prefix_levels == levels[0]] if N else prefix   # the prompt's ids, for beat_lag
     cache = model.new_cache() if use_cache else None
     h = model.hidden(seq, prefix_levels, 0, cache, side(0, P), attrs)[:, -1]
     out = torch.zeros(B, N, dtype=torch.long)
@@ -143,6 +165,8 @@ def generate(model, prefix: torch.Tensor, prefix_levels: torch.Tensor, levels: t
             logits = model.logits(h, int(levels[i]))
             if guided:
                 logits = guide(logits, B, s)
+            if beat_lag is not None:
+                logits = beat_bias(logits, torch.cat([own, out[:, :i]], 1), beat_lag, s.beat_copy)
             out[:, i] = torch.where(known[:, i], forced[:, i], sample(logits, s.at_level(int(levels[i]) - first), generator))
         j = i + 1
         while j < N and everywhere[j]:   # copy the forced run that follows and feed it with token i

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
-from data.attributes import BEAT_VOCAB, VOCAB as ATTRIBUTE_VOCAB, beat_grid, for_rows, null_like
+from data.attributes import BEAT_VOCAB, VOCAB as ATTRIBUTE_VOCAB, beat_frames, beat_grid, for_rows, null_like
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
@@ -125,9 +125,10 @@ class SemanticStage(Flattened):
         null_attrs = None if attrs is None else null_like(attrs)
         extra, null_extra = (self.side_positions(melody, a, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n,
                                                  beat_start) for a in (attrs, null_attrs))   # guidance's rows without attributes have no beat clock
+        lag = None if attrs is None or not s.beat_copy else beat_frames(attrs, self.cfg.semantic_rate)
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
                         use_cache=use_cache, progress=progress, extra=extra, attrs=attrs, null_attrs=null_attrs,
-                        null_extra=null_extra)
+                        null_extra=null_extra, beat_lag=lag)
 
 
 if __name__ == "__main__":

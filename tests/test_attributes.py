@@ -13,7 +13,7 @@ from data.attributes import bpm_in_text
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, load_stage, save_stage
 from stages.delay import DelayStage
-from stages.sampling import Sampling, cfg_mix
+from stages.sampling import Sampling, beat_bias, cfg_mix
 from stages.train import check_init, train, warm_start
 from tests.helpers import ROOT, assert_clean_error, run_module
 from tests import stage_helpers
@@ -237,6 +237,31 @@ def test_a_semantic_stage_with_the_beat_clock_keeps_time(tmp_path):
     assert side.shape == (4, 28, 2) and (side[..., 1] == 0).all()
     with pytest.raises(ConfigError, match="beat_input"):
         load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["beat_input=true"])
+
+
+def test_beat_copy_pulls_the_id_one_beat_back():
+    """Sampling.beat_copy: a logit bonus for the id one beat back, a fractional beat split between the two frames
+    around it; rows with no tempo, and frames with less than a beat of history, are left alone."""
+    logits, history = torch.zeros(3, 6), torch.tensor([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1], [0, 1, 2, 3, 4]])
+    out = beat_bias(logits, history, torch.tensor([2.25, 0.0, 7.0]), 2.0)
+    assert out[0].tolist() == [0, 0, 0.5, 1.5, 0, 0] and (out[1:] == 0).all()
+    assert beat_bias(logits, history[:, :0], torch.tensor([2.0, 2.0, 2.0]), 2.0).eq(0).all()
+    # an untrained stage told 150 bpm (10 frames a beat at 25 Hz) repeats its ids at the beat when pushed hard;
+    # told no tempo, or with the bonus off, it does not
+    stage = build_stage(load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["attribute_input=true"]))
+    mulan = torch.zeros(2, stage.cfg.mulan_levels, dtype=torch.long)
+    told = attributes.ids(torch.tensor([[150, 0], [0, -1]]))
+    lag = attributes.beat_frames(told, 25.0)
+    assert abs(float(lag[0]) - 10.0) < 0.2 and float(lag[1]) == 0.0
+
+    def at_beat(bonus):
+        ids = stage.generate(mulan, 100, Sampling(beat_copy=bonus), generator=torch.Generator().manual_seed(0),
+                             attributes=told)
+        lo, hi = int(lag[0].floor()), int(lag[0].ceil())
+        return [float(((r[hi:] == r[hi - lo:-lo] if lo != hi else r[lo:] == r[:-lo]) |
+                       (r[hi:] == r[:-hi])).float().mean()) for r in ids]
+    pushed, plain = at_beat(12.0), at_beat(0.0)
+    assert pushed[0] > 0.9 and plain[0] < 0.5 and pushed[1] < 0.5, (pushed, plain)
 
 
 def test_a_delay_stage_takes_the_beat_clock_too(tmp_path):
