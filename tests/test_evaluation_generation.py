@@ -238,3 +238,14 @@ def test_classifier_features_are_kept_and_reused_only_for_the_same_clips(parts, 
     assert (first.predict(X) == again.predict(X)).all()
     with pytest.raises(AssertionError, match="read audio again"):
         codec.instrument_classifier(rows[:-1], 24000, 1.0, features=feats)
+
+
+def test_semantic_pulse_finds_ids_that_repeat_at_the_beat(tmp_path):
+    from evaluation.semantic_pulse import pulse
+    rng = np.random.default_rng(0)
+    bar = rng.integers(0, 50, 25)                    # 120 bpm at 25 Hz: 12.5 frames a beat, a 2-beat pattern
+    assert pulse(np.tile(bar, 10), 120, 25.0) > 0.5
+    assert abs(pulse(rng.integers(0, 50, 250), 120, 25.0)) < 0.05
+    assert np.isnan(pulse(np.tile(bar, 1)[:12], 120, 25.0))
+    (tmp_path / "p.txt").write_text("a calm piano piece\n")
+    assert_clean_error(run_module("evaluation.semantic_pulse", "--prompts", str(tmp_path / "p.txt")), "states a bpm")
