@@ -42,6 +42,8 @@ def parse_knobs(items: list[str]) -> list[tuple[str, str, object]]:
         stage, _, key = name.partition(".")
         if stage not in ("semantic", "coarse", "fine"):
             raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE with STAGE semantic, coarse or fine")
+        if key == "beat_copy" and stage != "semantic":
+            raise UserError(f"--knob {item!r}: beat_copy acts on the semantic ids only; write semantic.beat_copy=V")
         try:
             out.append((stage, key, parse_knob(key, text)))
         except ValueError as e:

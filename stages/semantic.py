@@ -15,6 +15,7 @@ import torch
 
 from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
 from data.attributes import BEAT_VOCAB, VOCAB as ATTRIBUTE_VOCAB, beat_frames, beat_grid, for_rows, null_like
+from common.errors import UserError
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer
@@ -125,6 +126,9 @@ class SemanticStage(Flattened):
         null_attrs = None if attrs is None else null_like(attrs)
         extra, null_extra = (self.side_positions(melody, a, len(mulan), self.cfg.mulan_levels, prompt.shape[1] + n,
                                                  beat_start) for a in (attrs, null_attrs))   # guidance's rows without attributes have no beat clock
+        if s.beat_copy and attrs is None:
+            raise UserError("beat_copy needs the stated tempo, which this semantic stage does not read; use one trained "
+                            "with attribute_input=true or leave beat_copy at 0")
         lag = None if attrs is None or not s.beat_copy else beat_frames(attrs, self.cfg.semantic_rate)
         return generate(self.model, prefix, prefix_levels, levels, s, null_prefix=null, generator=generator,
                         use_cache=use_cache, progress=progress, extra=extra, attrs=attrs, null_attrs=null_attrs,

@@ -262,6 +262,13 @@ def test_beat_copy_pulls_the_id_one_beat_back():
                        (r[hi:] == r[:-hi])).float().mean()) for r in ids]
     pushed, plain = at_beat(12.0), at_beat(0.0)
     assert pushed[0] > 0.9 and plain[0] < 0.5 and pushed[1] < 0.5, (pushed, plain)
+    blind = build_stage(load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", []))
+    with pytest.raises(UserError, match="attribute_input"):
+        blind.generate(mulan, 5, Sampling(beat_copy=1.0))
+    from pipeline_cli import parse_knobs
+    assert parse_knobs(["semantic.beat_copy=4"]) == [("semantic", "beat_copy", 4)]
+    with pytest.raises(UserError, match="semantic.beat_copy"):
+        parse_knobs(["coarse.beat_copy=4"])
 
 
 def test_a_delay_stage_takes_the_beat_clock_too(tmp_path):
