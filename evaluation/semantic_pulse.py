@@ -41,7 +41,7 @@ def summary(values: list[float]) -> str:
 @torch.no_grad()
 def main() -> None:
     from data.audio import load_audio
-    from data.manifest import read_prompts
+    from evaluation.generate_and_score import load_prompts
     from pipeline import GenerationOptions, Pipeline, load_parts
     from pipeline_cli import parse_knobs, part_paths
     ap = argparse.ArgumentParser(prog="python -m evaluation.semantic_pulse", description=__doc__.split("\n\n")[0])
@@ -54,7 +54,7 @@ def main() -> None:
     knobs = parse_knobs(args.knob)
     if any(stage != "semantic" for stage, _, _ in knobs):
         raise UserError("only semantic-stage knobs change the ids; write --knob semantic.KEY=VALUE")
-    rows = [r for r in read_prompts(args.prompts)[: args.limit] if bpm_in_text(r["caption"])]
+    rows = [r for r in load_prompts(args.prompts, args.limit) if bpm_in_text(r["caption"])]   # references checked
     if not rows:
         raise UserError(f"none of the first {args.limit} prompts of {args.prompts} states a bpm; give ones that do")
     use_threads()
