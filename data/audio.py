@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from common.errors import AudioError, umask_mode
 
@@ -24,6 +23,7 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Band-limited resampling of `x` [..., N] along the last axis (scipy polyphase, Kaiser window)."""
     if sr_in == sr_out:
         return x
+    from scipy.signal import resample_poly   # here, not at the top: scipy.signal costs every command ~1 s to import
     ratio = Fraction(sr_out, sr_in)
     y = resample_poly(x, ratio.numerator, ratio.denominator, axis=-1, window=("kaiser", 8.0))
     return y.astype(np.float32)

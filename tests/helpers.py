@@ -23,7 +23,7 @@ def run_module(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def run_modules(*commands: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Several independent `python -m ...` runs side by side (most of a short CLI run is interpreter and torch
     start-up, which two cores do in parallel); their results in the order given."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")   # torch threads spinning on shared cores
     procs = [subprocess.Popen([sys.executable, "-m", *c], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for c in commands]
     outs = [p.communicate(timeout=timeout) for p in procs]

@@ -11,7 +11,7 @@ from common.checkpoint import save_checkpoint
 from common.config import config_to_dict, load_config
 from common.errors import AudioError
 from evaluation.metrics import mel_distance, si_snr
-from tests.helpers import ROOT, assert_clean_error, run_module, sine
+from tests.helpers import ROOT, assert_clean_error, run_module, run_modules, sine
 
 
 def debug_cfg(**kw) -> AcousticConfig:
@@ -132,21 +132,23 @@ def test_debug_training_learns_resumes_and_round_trips(tmp_path):
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < 0.7 * losses[0]
     assert any("valid" in r and "mel_distance@4" in r["valid"] for r in log)
-    assert_clean_error(run_module(*args[:-2], "steps=40", "lr=1e-3", "--resume"), "lr (0.003 -> 0.001)")
+    roundtrip = ["audio_tokenizers.acoustic", "roundtrip", str(tmp_path / "a/2.wav"), str(tmp_path / "o.wav")]
+    lr_changed, proc, not_a_codec, too_many = run_modules(   # side by side: none of them writes the checkpoint
+        [*args[:-2], "steps=40", "lr=1e-3", "--resume"],
+        [*roundtrip, "--checkpoint", str(tmp_path / "run/last"), "--levels", "2"],
+        [*roundtrip[:-1], str(tmp_path / "o2.wav"), "--checkpoint", str(tmp_path / "m.jsonl")],
+        [*roundtrip[:-1], str(tmp_path / "o3.wav"), "--checkpoint", str(tmp_path / "run/last"), "--levels", "9"])
+    assert_clean_error(lr_changed, "lr (0.003 -> 0.001)")
+    assert proc.returncode == 0, proc.stderr
+    out, sr = sf.read(tmp_path / "o.wav")
+    assert sr == 24000 and len(out) == 48000
+    assert_clean_error(not_a_codec, "not")
+    assert_clean_error(too_many, "--levels")
+    assert not (tmp_path / "o2.wav").exists() and not (tmp_path / "o3.wav").exists()
     proc = run_module(*args[:-2], "steps=40", "lr=3e-3", "--resume")   # only the run length changes
     assert proc.returncode == 0 and "resumed from" in proc.stdout and "at step 30" in proc.stdout
     tok = load_acoustic(tmp_path / "run/last")
     assert tok.num_quantizers == 4
-    proc = run_module("audio_tokenizers.acoustic", "roundtrip", str(tmp_path / "a/2.wav"), str(tmp_path / "o.wav"),
-                      "--checkpoint", str(tmp_path / "run/last"), "--levels", "2")
-    assert proc.returncode == 0, proc.stderr
-    out, sr = sf.read(tmp_path / "o.wav")
-    assert sr == 24000 and len(out) == 48000
-    assert_clean_error(run_module("audio_tokenizers.acoustic", "roundtrip", str(tmp_path / "a/2.wav"),
-                                  str(tmp_path / "o.wav"), "--checkpoint", str(tmp_path / "m.jsonl")), "not")
-    assert_clean_error(run_module("audio_tokenizers.acoustic", "roundtrip", str(tmp_path / "a/2.wav"),
-                                  str(tmp_path / "o.wav"), "--checkpoint", str(tmp_path / "run/last"),
-                                  "--levels", "9"), "--levels")
 
 
 def test_wrong_kind_checkpoint_is_rejected(tmp_path):

@@ -33,14 +33,13 @@ def cli(monkeypatch, capsys, *args):
 
 
 def test_end_to_end_length_rate_and_seed(parts, tmp_path, monkeypatch, capsys):
-    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        code, out, err = cli(monkeypatch, capsys, "--text", "calm piano", "--duration", "2.5", "--seed", seed,
-                             "--out", tmp_path / f"{name}.wav", "--plot", *stage_args(parts))
-        assert code == 0, err
+    code, out, err = cli(monkeypatch, capsys, "--text", "calm piano", "--duration", "2.5", "--seed", 1,
+                         "--out", tmp_path / "a.wav", "--plot", *stage_args(parts))
+    assert code == 0, err
     a, sr = sf.read(tmp_path / "a.wav")
     assert sr == 24000 and len(a) == int(2.5 * 24000)
-    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
-    # the untrained debug codec decodes to near-silence, so compare what the stages generated
+    # the same seed makes the same clip (the untrained debug codec decodes to near-silence, so compare what the
+    # stages generated; the command line only adds writing)
     pipe = Pipeline(load_parts({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic",
                                                              "semantic", "coarse", "fine")}))
     codes = []
