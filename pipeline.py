@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
-from data.attributes import bpm_in_text, from_texts as attributes_from_texts
+from data.attributes import beat_frames, bpm_in_text, from_texts as attributes_from_texts, id_pulse
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
@@ -283,7 +283,10 @@ class Pipeline:
         return {"attributes": attr_at(sec).expand(B, -1), **({"beat_start": start} if stage.cfg.beat_input else {})}
 
     def _semantic(self, cond_at, n, s, prompt, g, rate, melody=None, attr_at=None):
+        """Semantic ids [B, P + n] in sliding windows; with s.beat_pick > 1 and a stated bpm, the best of that many."""
         stage = self.parts["semantic"]
+        if s.beat_pick > 1 and attr_at is not None and bool((attr_at(0.0)[:, 0] > 0).any()):
+            return self._semantic_beat_pick(s.beat_pick, cond_at, n, s, prompt, g, rate, melody, attr_at)
         W, C = self._windows(stage)
         out = prompt if prompt is not None else torch.zeros(len(cond_at(0.0)), 0, dtype=torch.long)
         total = out.shape[1] + n
@@ -298,6 +301,20 @@ class Pipeline:
                 out = torch.cat([out, stage.generate(m, new, s, prompt=ctx, generator=g, **tune)], 1)
                 bar.update(new / rate)
         return out
+
+    def _semantic_beat_pick(self, k, cond_at, n, s, prompt, g, rate, melody, attr_at):
+        """k candidates per prompt in one batch; keep each prompt's whose new ids pulse most at the beat it states
+        (data.attributes.id_pulse: real ids repeat at the beat, sampled ones mostly do not; README "Best of K
+        semantic ids"); the first candidate where no bpm is stated. Only the semantic stage runs k times."""
+        rep = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731
+        B = len(cond_at(0.0))
+        ids = self._semantic(lambda sec: rep(cond_at(sec).expand(B, -1)), n, replace(s, beat_pick=1), rep(prompt), g,
+                             rate, rep(melody), lambda sec: rep(attr_at(sec).expand(B, -1)))
+        beats = beat_frames(attr_at(0.0).expand(B, -1), rate)
+        score = torch.tensor([[id_pulse(row[-n:], float(beats[b])) if beats[b] > 0 else 0.0 for row in rows]
+                              for b, rows in enumerate(ids.view(B, k, -1))]).nan_to_num(-1.0)
+        best = torch.where(beats > 0, score.argmax(1), torch.zeros(B, dtype=torch.long))
+        return ids.view(B, k, -1)[torch.arange(B), best]
 
     def _coarse(self, cond_at, sem, n, s, prompt, g, rate, attr_at=None):
         """Codes over n semantic frames (the coarse levels, or every level for an acoustic-role stage), in

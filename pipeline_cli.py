@@ -42,13 +42,24 @@ def parse_knobs(items: list[str]) -> list[tuple[str, str, object]]:
         stage, _, key = name.partition(".")
         if stage not in ("semantic", "coarse", "fine"):
             raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE with STAGE semantic, coarse or fine")
-        if key == "beat_copy" and stage != "semantic":
-            raise UserError(f"--knob {item!r}: beat_copy acts on the semantic ids only; write semantic.beat_copy=V")
         try:
-            out.append((stage, key, parse_knob(key, text)))
+            value = parse_knob(key, text)
         except ValueError as e:
             raise UserError(f"--knob {item!r}: write STAGE.KEY=VALUE; {e}") from None
+        try:
+            check_knob(stage, key, value)
+        except ValueError as e:
+            raise UserError(f"--knob {item!r}: {e}") from None
+        out.append((stage, key, value))
     return out
+
+
+def check_knob(stage: str, key: str, value) -> None:
+    """ValueError naming the fix for a knob its stage cannot take (the semantic-only ones elsewhere, a bad count)."""
+    if key in ("beat_copy", "beat_pick") and stage != "semantic":
+        raise ValueError(f"{key} acts on the semantic ids only; write semantic.{key}=V")
+    if key == "beat_pick" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"beat_pick is a whole number of candidates, at least 1, got {value!r}")
 
 
 def check_knobs(args) -> None:

@@ -38,7 +38,7 @@ VARIANT_KEYS = {"name", "stages", "options"}
 
 def load_variant(path: Path) -> tuple[str, dict, object]:
     from pipeline import PARTS, GenerationOptions
-    from pipeline_cli import part_paths
+    from pipeline_cli import check_knob, part_paths
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -64,6 +64,11 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
             bad = sorted(set(value or {}) - set(knobs)) if isinstance(value, dict) else [value]
             if bad:
                 raise UserError(f"variant {path}: {key} knobs {bad} are unknown; use {', '.join(knobs)}")
+            try:
+                for knob, v in value.items():
+                    check_knob(key, knob, v)
+            except ValueError as e:
+                raise UserError(f"variant {path}: {key}: {e}") from None
             getattr(opts, key).update(value)
         else:
             try:

@@ -17,20 +17,13 @@ import numpy as np
 import torch
 
 from common.errors import UserError, run_cli
-from data.attributes import bpm_in_text, from_texts
+from data.attributes import bpm_in_text, from_texts, id_pulse
 from evaluation import use_threads
 
 
 def pulse(ids: np.ndarray, bpm: float, rate: float) -> float:
-    """ids [T] -> match rate at 1, 2 and 4 beats minus that at the off-beat lags; nan if the clip is too short."""
-    beat = rate * 60 / bpm
-
-    def match(lag: float) -> float:
-        k = int(round(lag))
-        return float((ids[:-k] == ids[k:]).mean()) if 0 < k < len(ids) - 10 else np.nan
-    on = [match(k * beat) for k in (1, 2, 4)]
-    off = [match((k + 0.5) * beat) for k in range(4)] + [match((k + 0.25) * beat) for k in (1, 2, 3)]
-    return float(np.nanmean(on) - np.nanmean(off)) if not np.isnan(on[0]) else float("nan")
+    """ids [T] at `rate` Hz -> their pulse at `bpm` (data.attributes.id_pulse); nan if the clip is too short."""
+    return id_pulse(torch.as_tensor(ids), rate * 60 / bpm)
 
 
 def summary(values: list[float]) -> str:

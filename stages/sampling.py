@@ -18,6 +18,7 @@ class Sampling:
     guidance: float = 1.0          # classifier-free guidance scale; 1.0: off
     attribute_guidance: float = 0.0   # attribute stages: extra push toward the stated tempo and key (see `guide`)
     beat_copy: float = 0.0         # semantic stages, prompts stating a bpm: logit bonus of the id one beat back (`beat_bias`)
+    beat_pick: int = 1             # semantic stages, prompts stating a bpm: make this many, keep the one whose ids pulse most
     # masked (MAGNeT) decoding only
     steps: int | list = 10         # decoding steps per level (the paper: [20, 10, 10, 10])
     guidance_end: float | None = None   # anneal guidance to this as the mask empties (the paper: 10 -> 1)

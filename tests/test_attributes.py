@@ -1,6 +1,7 @@
 """Tempo and key as attribute ids (data/attributes.py): read from words, learned by the stages that take them
 (attribute_input), and handed on by the pipeline."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -197,10 +198,8 @@ def test_the_pipeline_hands_a_stage_the_attributes_its_prompt_states(tmp_path, m
     assert any(a is not None and a.tolist() == held.tolist() for a in seen), seen
 
 
-def test_the_command_line_says_what_the_prompt_states(tmp_path, monkeypatch, capsys):
-    from tests.helpers import save_debug_parts
+def test_the_command_line_says_what_the_prompt_states(parts, tmp_path, monkeypatch, capsys):
     from tests.test_pipeline import cli, stage_args
-    parts = save_debug_parts(tmp_path / "parts")
     cfg = load_config(StageConfig, ROOT / "configs/debug/semantic.yaml", ["attribute_input=true"])
     save_stage(build_stage(cfg), tmp_path / "sem_attr")
     code, out, err = cli(monkeypatch, capsys, "--text", "a waltz at 90 bpm in F minor", "--duration", "1", "--out",
@@ -269,6 +268,47 @@ def test_beat_copy_pulls_the_id_one_beat_back():
     assert parse_knobs(["semantic.beat_copy=4"]) == [("semantic", "beat_copy", 4)]
     with pytest.raises(UserError, match="semantic.beat_copy"):
         parse_knobs(["coarse.beat_copy=4"])
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """The six debug parts, shared by the tests that only read them."""
+    from tests.helpers import save_debug_parts
+    return save_debug_parts(tmp_path_factory.mktemp("parts"))
+
+
+def test_beat_pick_keeps_the_candidate_whose_ids_pulse_at_the_stated_beat(parts, monkeypatch):
+    """Sampling.beat_pick: k semantic candidates per prompt in one batch; a prompt stating a bpm keeps the one whose
+    ids repeat at its beat (data.attributes.id_pulse), one stating none its first; no bpm anywhere: one each."""
+    from pipeline import PARTS, GenerationOptions, Pipeline, load_parts
+    from pipeline_cli import parse_knobs
+    pipe = Pipeline(load_parts({n: str(parts / n) for n in PARTS}))
+    rate, k = pipe.parts["semantic_tokenizer"].frame_rate, 3
+    beat, T = rate * 60 / 150, math.ceil(2.5 * rate)   # the frames of a 2.5 s clip
+    g = torch.Generator().manual_seed(0)
+    cands = torch.randint(0, 16, (2 * k, T), generator=g)
+    bar = torch.randperm(16, generator=g)[: int(round(beat))]
+    cands[1] = bar.repeat(T // len(bar) + 1)[:T]   # prompt 0's second candidate repeats with the beat
+    cands[k + 2] = cands[1]                        # so does prompt 1's third, but that prompt states no bpm
+    assert attributes.id_pulse(cands[1], beat) > 0.9 and abs(attributes.id_pulse(cands[0], beat)) < 0.2
+    calls = []
+
+    def fake(m, new, s, prompt=None, generator=None, **kw):
+        done = sum(calls) // len(m) if calls else 0
+        calls.append(len(m) * new)
+        return cands[: len(m), done: done + new]
+    monkeypatch.setattr(pipe.parts["semantic"], "generate", fake)
+    pipe.generate(["a jig at 150 bpm", "a jig"], 2.5, options=GenerationOptions(semantic={"beat_pick": k}))
+    sem = pipe.last_codes["semantic"]
+    assert sem[0].tolist() == cands[1].tolist() and sem[1].tolist() == cands[k].tolist()
+    calls.clear()
+    pipe.generate(["a jig", "a reel"], 2.5, options=GenerationOptions(semantic={"beat_pick": k}))
+    assert sum(calls) == 2 * T   # nothing to pick by: one candidate a prompt
+    assert parse_knobs(["semantic.beat_pick=8"]) == [("semantic", "beat_pick", 8)]
+    for bad, says in (("coarse.beat_pick=8", "semantic.beat_pick"), ("semantic.beat_pick=0", "at least 1"),
+                      ("semantic.beat_pick=2.5", "whole number")):
+        with pytest.raises(UserError, match=says):
+            parse_knobs([bad])
 
 
 def test_a_delay_stage_takes_the_beat_clock_too(tmp_path):

@@ -186,6 +186,10 @@ def test_ablate_runs_each_variant_on_the_same_prompts(parts, tmp_path, monkeypat
         (tmp_path / "r.yaml").write_text(f"options: {{{bad}}}\n")
         with pytest.raises(UserError, match="rerank"):
             load_variant(tmp_path / "r.yaml")
+    for bad, says in (("semantic: {beat_pick: 0}", "at least 1"), ("coarse: {beat_pick: 4}", "semantic.beat_pick")):
+        (tmp_path / "r.yaml").write_text(f"options: {{{bad}}}\n")
+        with pytest.raises(UserError, match=says):
+            load_variant(tmp_path / "r.yaml")
     (tmp_path / "bad.yaml").write_text("name: x\nstagez: {}\n")
     assert_clean_error(run_module("evaluation.ablate", "--variants", str(tmp_path / "bad.yaml"), "--prompts",
                                   str(prompts), "--out", str(tmp_path / "abl2")), "unknown keys")
