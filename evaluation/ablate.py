@@ -11,6 +11,7 @@ A variant is a YAML file; every key is optional (missing parts are the shipped d
     # masked stages also take steps (per level), guidance_end and anneal_temperature
     # options: {rerank: 4, rerank_tempo: 1.0}: the best of 4 candidates by MuLan score + 1.0 x the pulse at
     # the bpm the prompt states (Pipeline.rerank); its MuLan gap is then no longer an independent measure
+    # options: {semantic: {beat_pick: 8}}: the best of 8 semantic candidates by their ids' pulse at the stated bpm
 
 Each variant's clips, scores and spectrogram grid go to --out/<name>/; the combined table
 to --out/ablation.md and --out/ablation.json. Every variant after the first is also compared with the

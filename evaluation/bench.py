@@ -136,11 +136,12 @@ def bench_train(configs: list[str], repeats: int, overrides: list[str] = ()) -> 
 
 
 def bench_pipeline(variants: dict[str, dict[str, str]], durations: list[float], out_dir: str, repeats: int = 3,
-                   int8: bool = False) -> dict:
+                   int8: bool = False, text: str = "a calm solo piano piece in C major") -> dict:
     """Median wall time from loaded models to a written WAV over `repeats` runs (after one short
     warm-up run), per duration, and peak RSS of the process; `int8`: stages generate with int8 weights.
     Several chains (`variants`: name -> part paths) are timed side by side: each repeat runs every
-    chain once, in turn, so a noisy machine slows them alike; ratios are to the first chain."""
+    chain once, in turn, so a noisy machine slows them alike; ratios are to the first chain. `text`: the prompt
+    (one that states a bpm times what only such prompts run, e.g. a semantic stage exported with beat_pick)."""
     import resource
     from pathlib import Path
 
@@ -155,7 +156,7 @@ def bench_pipeline(variants: dict[str, dict[str, str]], durations: list[float], 
         for i in range(repeats):
             for name, pipe in pipes.items():
                 t = time.perf_counter()
-                wav = pipe.generate(["a calm solo piano piece in C major"], seconds, options=GenerationOptions(seed=i))
+                wav = pipe.generate([text], seconds, options=GenerationOptions(seed=i))
                 write_wav(Path(out_dir) / f"bench_{name}_{seconds:g}s.wav", wav[0, 0].numpy(), pipe.sample_rate)
                 times[name].append(time.perf_counter() - t)
         for name, pipe in pipes.items():
@@ -196,6 +197,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:PART=PATH,...",
                     help="pipeline: time several chains side by side (repeat the option; 'NAME:' = default chain)")
     ap.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0])
+    ap.add_argument("--text", default="a calm solo piano piece in C major", help="pipeline: the prompt")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--int8", action="store_true", help="pipeline: the stages generate with int8 weights")
     ap.add_argument("--out", default="/tmp")
@@ -216,7 +218,7 @@ def main() -> None:
         if len({name for name, _ in items}) < len(items):
             raise UserError("--variant: give each chain its own name")
         variants = {name: part_paths(stage_items) for name, stage_items in items}   # bad paths fail before timing
-        print(json.dumps(bench_pipeline(variants, args.durations, args.out, args.repeats, args.int8), indent=2))
+        print(json.dumps(bench_pipeline(variants, args.durations, args.out, args.repeats, args.int8, args.text), indent=2))
     run_cli(run)
 
 
