@@ -95,7 +95,7 @@ def guided_rows(s: Sampling, has_null: bool, attrs: torch.Tensor | None) -> int:
 def beat_bias(logits: torch.Tensor, history: torch.Tensor, lag: torch.Tensor, weight: float) -> torch.Tensor:
     """Add `weight` to the logit of the id one beat back: logits [B, V], history [B, t] (the ids before this frame,
     at one id per frame), lag [B] the beat in frames (0: no tempo stated; left alone). Real semantic ids repeat at
-    the beat more than off it, generated ones do not (the project's semantic periodicity check); this prior puts
+    the beat more than off it, generated ones do not (data.attributes.id_pulse); this prior puts
     the stated pulse into the ids. A fractional beat (20.8 frames at 72 bpm and 25 Hz) splits the bonus between
     the ids floor(lag) and ceil(lag) back, in proportion, so the mean period is the beat itself, not a rounded one."""
     if weight == 0.0:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from audio_tokenizers.melody import NONE as NO_MELODY, VOCAB as MELODY_VOCAB
-from data.attributes import BEAT_VOCAB, VOCAB as ATTRIBUTE_VOCAB, beat_frames, beat_grid, for_rows, null_like
 from common.errors import UserError
+from data.attributes import BEAT_VOCAB, VOCAB as ATTRIBUTE_VOCAB, beat_frames, beat_grid, for_rows, null_like
 from stages.base import StageConfig
 from stages.sampling import Sampling, generate
 from stages.transformer import ModelShape, Transformer

@@ -39,14 +39,18 @@ def test_end_to_end_length_rate_and_seed(parts, tmp_path, monkeypatch, capsys):
     a, sr = sf.read(tmp_path / "a.wav")
     assert sr == 24000 and len(a) == int(2.5 * 24000)
     # the same seed makes the same clip (the untrained debug codec decodes to near-silence, so compare what the
-    # stages generated; the command line only adds writing)
+    # stages generated too)
     pipe = Pipeline(load_parts({k: str(parts / k) for k in ("mulan", "semantic_tokenizer", "acoustic",
                                                              "semantic", "coarse", "fine")}))
     codes = []
     for seed in (1, 1, 2):
         from pipeline import GenerationOptions
-        pipe.generate(["calm piano"], 2.5, options=GenerationOptions(seed=seed))
+        wav = pipe.generate(["calm piano"], 2.5, options=GenerationOptions(seed=seed))
         codes.append(pipe.last_codes["acoustic"])
+        if len(codes) == 1:   # the command line's file, byte for byte
+            from data.audio import write_wav
+            write_wav(tmp_path / "b.wav", wav[0, 0].numpy(), pipe.sample_rate)
+            assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
     assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
     assert codes[0].shape == (1, 4, 252)  # ceil(2.5 s x 25 Hz) = 63 semantic frames x 4
     from pipeline_cli import parse_knobs   # a stage's own guidance overrides the global one
