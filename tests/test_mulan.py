@@ -12,7 +12,7 @@ from common.errors import UserError
 from data.corpus import build_corpus
 from data.manifest import read_manifest
 from evaluation.metrics import cycle_consistency
-from tests.helpers import ROOT, assert_clean_error, run_module, sine
+from tests.helpers import ROOT, assert_clean_error, run_module, run_modules, sine
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,13 @@ def test_embeddings_tokens_and_bad_input(trained, capfd):
 def test_score_command(trained):
     d, manifest = trained
     wavs = [r["audio"] for r in read_manifest(manifest)[:2]]
-    proc = run_module("audio_tokenizers.mulan", "score", "--audio", *wavs, "--text", "drums", "piano", "organ",
-                      "--checkpoint", str(d / "run/model"))
+    score = ["audio_tokenizers.mulan", "score", "--audio", *wavs, "--checkpoint", str(d / "run/model"), "--text"]
+    proc, empty = run_modules([*score, "drums", "piano", "organ"], [*score, " "])
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["audio"] == wavs and out["text"] == ["drums", "piano", "organ"]
     assert np.array(out["cosine"]).shape == (3, 2) and np.all(np.abs(out["cosine"]) <= 1.0001)
-    assert_clean_error(run_module("audio_tokenizers.mulan", "score", "--audio", *wavs, "--text", " ",
-                                  "--checkpoint", str(d / "run/model")), "empty")
+    assert_clean_error(empty, "empty")
 
 
 def test_pretrained_text_encoder_replaces_the_text_tower(tmp_path):
@@ -138,15 +137,15 @@ def test_held_out_evaluation_rephrases_with_unseen_templates(trained, tmp_path):
     assert agree["agreement"] == 0.75 and agree["chance"] == pytest.approx(0.25 * 0.25 + 0.25 * 0.25 + 0.5 * 0.25)
     corpus = d / "corpus"
     (corpus / "test.jsonl").write_text(manifest.read_text())  # the tiny corpus's own clips stand in
-    proc = run_module("evaluation.mulan", "--corpus", str(corpus), "--checkpoint", str(d / "run/model"),
-                      "--clips", "16", "--out", str(tmp_path / "m.json"))
+    proc, no_test = run_modules(["evaluation.mulan", "--corpus", str(corpus), "--checkpoint", str(d / "run/model"),
+                                 "--clips", "16", "--out", str(tmp_path / "m.json")],
+                                ["evaluation.mulan", "--corpus", str(tmp_path), "--checkpoint", str(d / "run/model")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "m.json").read_text())
     assert res["clips"] == 16 and 0 <= res["rephrased"]["recall@10"] <= 1
     assert res["captions"]["recall@10"] >= res["captions"]["recall@1"]
     assert 0 <= res["tokens"]["agreement"] <= 1 and res["tokens"]["uniform_chance"] == 1 / 8
-    assert_clean_error(run_module("evaluation.mulan", "--corpus", str(tmp_path), "--checkpoint", str(d / "run/model")),
-                       "test.jsonl", "not found")
+    assert_clean_error(no_test, "test.jsonl", "not found")
 
 
 def test_locked_audio_retrains_only_the_text_tower(trained):
@@ -159,9 +158,15 @@ def test_locked_audio_retrains_only_the_text_tower(trained):
     dev = d / "dev.jsonl"    # dev prompts: the tiny corpus's own captions and labels stand in
     dev.write_text("".join(json.dumps({"caption": r["caption"], "instrument_label": r["instrument_label"]}) + "\n"
                            for r in read_manifest(manifest)[:6]))
-    proc = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
-                      f"train_manifest={manifest}", f"valid_manifest={manifest}", f"out={d / 'lit'}", "steps=25",
-                      "batch_size=16", "lr=0.003", f"dev_prompts={dev}")
+    theremin = d / "dev_theremin.jsonl"
+    theremin.write_text('{"caption": "a theremin", "instrument_label": "theremin"}\n')
+    lit = ["audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
+           f"train_manifest={manifest}"]
+    proc, bad_dim, bad_dev = run_modules(    # the two refusals beside the run, each into a folder of its own
+        [*lit, f"valid_manifest={manifest}", f"out={d / 'lit'}", "steps=25", "batch_size=16", "lr=0.003",
+         f"dev_prompts={dev}"],
+        [*lit, "text_dim=64", f"out={d / 'lit_bad_dim'}", "steps=2"],
+        [*lit, f"out={d / 'lit_bad_dev'}", "steps=2", f"dev_prompts={theremin}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(l)["valid"] for l in (d / "lit/metrics.jsonl").read_text().splitlines() if '"valid"' in l]
     best = load_checkpoint(d / "lit/best", kind="mulan").meta    # the start or the best evaluated step
@@ -178,12 +183,7 @@ def test_locked_audio_retrains_only_the_text_tower(trained):
     log = [json.loads(l) for l in (d / "lit/metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0]
-    bad = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
-                     "text_dim=64", f"train_manifest={manifest}", f"out={d / 'lit_bad'}", "steps=2")
-    assert_clean_error(bad, "text_dim")
-    assert not (d / "lit_bad/model").exists()
-    dev.write_text('{"caption": "a theremin", "instrument_label": "theremin"}\n')
-    bad = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", f"lock_audio={base}",
-                     f"train_manifest={manifest}", f"out={d / 'lit_bad'}", "steps=2", f"dev_prompts={dev}")
-    assert_clean_error(bad, "theremin")
-    assert not (d / "lit_bad/audio_bank.pt").exists()     # refused before the bank is computed
+    assert_clean_error(bad_dim, "text_dim")
+    assert not (d / "lit_bad_dim/model").exists()
+    assert_clean_error(bad_dev, "theremin")
+    assert not (d / "lit_bad_dev/audio_bank.pt").exists()     # refused before the bank is computed

@@ -206,11 +206,13 @@ def test_pipeline_benchmark_times_chains_side_by_side(parts, tmp_path):
 
 
 def test_pipeline_benchmark_variant_errors_are_one_line(tmp_path):
-    from tests.helpers import assert_clean_error, run_module
-    assert_clean_error(run_module("evaluation.bench", "pipeline", "--variant", "nocolon"), "--variant", "NAME:")
-    assert_clean_error(run_module("evaluation.bench", "pipeline", "--variant", "a:", "--variant", "a:"), "own name")
-    assert_clean_error(run_module("evaluation.bench", "pipeline", "--variant", "a:coarse=" + str(tmp_path / "none")),
-                       "none")
+    from tests.helpers import assert_clean_error, run_modules
+    bench = ["evaluation.bench", "pipeline", "--variant"]
+    colon, twice, missing = run_modules([*bench, "nocolon"], [*bench, "a:", "--variant", "a:"],
+                                        [*bench, "a:coarse=" + str(tmp_path / "none")])
+    assert_clean_error(colon, "--variant", "NAME:")
+    assert_clean_error(twice, "own name")
+    assert_clean_error(missing, "none")
 
 
 def test_int8_flag_quantizes_the_three_stages(parts, tmp_path, monkeypatch, capsys):

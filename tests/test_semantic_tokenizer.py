@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import soundfile as sf
@@ -180,14 +181,16 @@ def test_train_resume_and_encode_cli(manifest, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any("heldout_masked_acc" in r.get("valid", {}) for r in log)
-    proc = run_module(*args, "steps=20", "--resume")
-    assert proc.returncode == 0 and "at step 10" in proc.stdout, proc.stderr[-2000:]
+    for name in ("tokenizer", "last"):     # copies for the encoders that run beside the resumed run
+        shutil.copytree(tmp_path / "run" / name, tmp_path / name)
     wav = manifest.parent / "2.wav"
     encode = ["audio_tokenizers.semantic", "encode"]
-    proc, unreadable, not_a_tokenizer = run_modules(
-        [*encode, str(wav), str(wav), "--checkpoint", str(tmp_path / "run/tokenizer")],
-        [*encode, str(tmp_path / "none.wav"), "--checkpoint", str(tmp_path / "run/tokenizer")],
-        [*encode, str(wav), "--checkpoint", str(tmp_path / "run/last")])
+    resumed, proc, unreadable, not_a_tokenizer = run_modules(
+        [*args, "steps=20", "--resume"],
+        [*encode, str(wav), str(wav), "--checkpoint", str(tmp_path / "tokenizer")],
+        [*encode, str(tmp_path / "none.wav"), "--checkpoint", str(tmp_path / "tokenizer")],
+        [*encode, str(wav), "--checkpoint", str(tmp_path / "last")])
+    assert resumed.returncode == 0 and "at step 10" in resumed.stdout, resumed.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(str(wav))

@@ -11,7 +11,7 @@ from common.config import config_to_dict, load_config
 from common.errors import UserError
 from audio_tokenizers.tokenize import tokenize
 from data.tokenize import TokenCache
-from tests.helpers import ROOT, assert_clean_error, run_module, save_debug_tokenizers, sine
+from tests.helpers import ROOT, assert_clean_error, run_module, run_modules, save_debug_tokenizers, sine
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +115,12 @@ def test_append_accepts_a_mulan_retrained_on_the_locked_audio_tower(parts, tmp_p
 
 def test_command_line(parts, tmp_path):
     p = paths(parts)
-    proc = run_module("data.tokenize", "--manifest", str(parts / "m.jsonl"), "--out", str(tmp_path / "c"),
-                      "--acoustic", p["acoustic"], "--semantic", p["semantic"], "--mulan", p["mulan"], "--seconds", "1")
+    tokenizers = ["--acoustic", p["acoustic"], "--semantic", p["semantic"], "--mulan", p["mulan"]]
+    proc, missing = run_modules(
+        ["data.tokenize", "--manifest", str(parts / "m.jsonl"), "--out", str(tmp_path / "c"), *tokenizers, "--seconds", "1"],
+        ["data.tokenize", "--manifest", str(parts / "none.jsonl"), "--out", str(tmp_path / "d"), *tokenizers])
     assert proc.returncode == 0 and "cached 4 clips" in proc.stdout, proc.stderr[-2000:]
-    assert_clean_error(run_module("data.tokenize", "--manifest", str(parts / "none.jsonl"), "--out",
-                                  str(tmp_path / "d"), "--acoustic", p["acoustic"], "--semantic", p["semantic"],
-                                  "--mulan", p["mulan"]), "not found")
+    assert_clean_error(missing, "not found")
 
 
 def test_text_tokens_of_captions_and_rephrasings(parts, tmp_path):
