@@ -25,7 +25,7 @@ import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
-from data.attributes import beat_frames, bpm_in_text, from_texts as attributes_from_texts, id_pulse
+from data.attributes import PULSE_MEASURES, beat_frames, bpm_in_text, from_texts as attributes_from_texts
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
@@ -304,14 +304,16 @@ class Pipeline:
 
     def _semantic_beat_pick(self, k, cond_at, n, s, prompt, g, rate, melody, attr_at):
         """k candidates per prompt in one batch; keep each prompt's whose new ids pulse most at the beat it states
-        (data.attributes.id_pulse: real ids repeat at the beat, sampled ones mostly do not; README "Best of K
-        semantic ids"); the first candidate where no bpm is stated. Only the semantic stage runs k times."""
+        (s.beat_pick_by: data.attributes.id_pulse, real ids repeat at the beat and sampled ones mostly do not, or
+        onset_pulse, their changes come on the beat; README "Best of K semantic ids"); the first candidate where
+        no bpm is stated. Only the semantic stage runs k times."""
+        measure = PULSE_MEASURES[s.beat_pick_by]
         rep = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731
         B = len(cond_at(0.0))
         ids = self._semantic(lambda sec: rep(cond_at(sec).expand(B, -1)), n, replace(s, beat_pick=1), rep(prompt), g,
                              rate, rep(melody), lambda sec: rep(attr_at(sec).expand(B, -1)))
         beats = beat_frames(attr_at(0.0).expand(B, -1), rate)
-        score = torch.tensor([[id_pulse(row[-n:], float(beats[b])) if beats[b] > 0 else 0.0 for row in rows]
+        score = torch.tensor([[measure(row[-n:], float(beats[b])) if beats[b] > 0 else 0.0 for row in rows]
                               for b, rows in enumerate(ids.view(B, k, -1))]).nan_to_num(-1.0)
         best = torch.where(beats > 0, score.argmax(1), torch.zeros(B, dtype=torch.long))
         return ids.view(B, k, -1)[torch.arange(B), best]

@@ -11,6 +11,7 @@ import torch
 
 from common.config import load_config
 from common.errors import AudioError, UserError
+from data.attributes import PULSE_MEASURES
 from data.audio import load_audio, write_wav
 from pipeline import MAX_SECONDS, PARTS, ROOT, GenerationOptions, Pipeline, PipelineParts, load_parts
 
@@ -56,10 +57,12 @@ def parse_knobs(items: list[str]) -> list[tuple[str, str, object]]:
 
 def check_knob(stage: str, key: str, value) -> None:
     """ValueError naming the fix for a knob its stage cannot take (the semantic-only ones elsewhere, a bad count)."""
-    if key in ("beat_copy", "beat_pick") and stage != "semantic":
+    if key in ("beat_copy", "beat_pick", "beat_pick_by") and stage != "semantic":
         raise ValueError(f"{key} acts on the semantic ids only; write semantic.{key}=V")
     if key == "beat_pick" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise ValueError(f"beat_pick is a whole number of candidates, at least 1, got {value!r}")
+    if key == "beat_pick_by" and value not in PULSE_MEASURES:
+        raise ValueError(f"beat_pick_by is one of {', '.join(PULSE_MEASURES)}, got {value!r}")
 
 
 def check_knobs(args) -> None:

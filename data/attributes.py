@@ -117,6 +117,27 @@ def id_pulse(ids: torch.Tensor, beat: float) -> float:
     return mean(on) - mean(off) if not math.isnan(on[0]) else math.nan
 
 
+def onset_pulse(ids: torch.Tensor, beat: float) -> float:
+    """Semantic ids [T] -> how much their onsets keep the beat: the autocorrelation of the id-change indicator (1
+    where a frame's id differs from the one before, as at a new note) at 1 and 2 beats (`beat`, in frames), minus
+    its mean at off-beat lags (0.5, 1.25, 1.5, 2.25, 3.25 beats). Scored pieces' ids hold a note's id across a beat
+    less often than grooves', so `id_pulse` misses their beat (reference ids above 0.02 in 38% of 245 held-out
+    scored clips) where this finds it (80%; grooves 92% / 88%); nan for a clip too short or without changes."""
+    c = (ids[1:] != ids[:-1]).double()
+    c = c - c.mean()
+    var = float((c * c).mean())
+
+    def corr(lag: float) -> float:
+        k = int(round(lag))
+        return float((c[:-k] * c[k:]).mean()) / var if 0 < k < len(c) - 10 and var > 0 else math.nan
+    on = [x for x in (corr(beat), corr(2 * beat)) if not math.isnan(x)]
+    off = [x for x in (corr(f * beat) for f in (0.5, 1.25, 1.5, 2.25, 3.25)) if not math.isnan(x)]
+    return sum(on) / len(on) - sum(off) / len(off) if on and off else math.nan
+
+
+PULSE_MEASURES = {"repeats": id_pulse, "onsets": onset_pulse}   # Sampling.beat_pick_by
+
+
 def beat_grid(attrs: torch.Tensor, frames: int, rate: float, start: float | torch.Tensor = 0.0) -> torch.Tensor:
     """A beat clock from each row's tempo id: ids [B, 2] -> [B, frames] beat-phase ids, frame t (at `rate` Hz) of a
     window that begins `start` seconds into the clip (a number, or one per row [B]) in bin

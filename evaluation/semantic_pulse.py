@@ -3,8 +3,10 @@
     python -m evaluation.semantic_pulse --prompts corpus/test.jsonl --limit 200 [--stage semantic=PATH]
         [--knob semantic.beat_copy=4]
 
-For every prompt that states a bpm (data.attributes.bpm_in_text): the share of frames whose id equals the id one,
-two or four beats earlier, minus the share at off-beat lags (a half and a quarter beat between): the ids' pulse.
+For every prompt that states a bpm (data.attributes.bpm_in_text), two measures of the ids' pulse (PULSE_MEASURES):
+"repeats", the share of frames whose id equals the id one, two or four beats earlier, minus the share at off-beat
+lags (a half and a quarter beat between); "onsets", the autocorrelation of the id changes at one and two beats minus
+that at off-beat lags.
 The reference audio's ids (from the semantic tokenizer; a manifest's `audio`) are scored beside the ids the semantic
 stage generates from the caption (10 s, seed 0). A tempo can only reach the audio if the ids carry it: the coarse
 stage follows the ids it is given (README: "Where the beat is lost").
@@ -17,13 +19,14 @@ import numpy as np
 import torch
 
 from common.errors import UserError, run_cli
-from data.attributes import bpm_in_text, from_texts, id_pulse
+from data.attributes import PULSE_MEASURES, bpm_in_text, from_texts
 from evaluation import use_threads
 
 
-def pulse(ids: np.ndarray, bpm: float, rate: float) -> float:
-    """ids [T] at `rate` Hz -> their pulse at `bpm` (data.attributes.id_pulse); nan if the clip is too short."""
-    return id_pulse(torch.as_tensor(ids), rate * 60 / bpm)
+def pulse(ids: np.ndarray, bpm: float, rate: float, measure: str = "repeats") -> float:
+    """ids [T] at `rate` Hz -> their pulse at `bpm` by one of data.attributes.PULSE_MEASURES; nan if the clip is
+    too short."""
+    return PULSE_MEASURES[measure](torch.as_tensor(ids), rate * 60 / bpm)
 
 
 def summary(values: list[float]) -> str:
@@ -55,21 +58,25 @@ def main() -> None:
     rate = pipe.parts["semantic_tokenizer"].frame_rate
     s = pipe._sampling(GenerationOptions(semantic={k: v for _, k, v in knobs}))["semantic"]
     n = int(args.seconds * rate)
-    refs, gens = [], []
+    refs, gens = {m: [] for m in PULSE_MEASURES}, {m: [] for m in PULSE_MEASURES}
     for r in rows:
         bpm = bpm_in_text(r["caption"])
         if "audio" in r:
             wav = load_audio(r["audio"], pipe.sample_rate)[: int(args.seconds * pipe.sample_rate)]
-            refs.append(pulse(pipe.semantic_ids(torch.from_numpy(wav)[None, None])[0].numpy(), bpm, rate))
+            ref = pipe.semantic_ids(torch.from_numpy(wav)[None, None])[0].numpy()
+            for m in PULSE_MEASURES:
+                refs[m].append(pulse(ref, bpm, rate, m))
         cond, attrs = pipe.mulan.tokens(pipe.mulan.embed_text([r["caption"]])), from_texts([r["caption"]])
         torch.manual_seed(0)
         ids = pipe._semantic(lambda sec: cond, n, s, None, torch.Generator().manual_seed(0), rate, None,
                              lambda sec: attrs)
-        gens.append(pulse(ids[0].numpy(), bpm, rate))
+        for m in PULSE_MEASURES:
+            gens[m].append(pulse(ids[0].numpy(), bpm, rate, m))
     print(f"{len(rows)} prompts that state a bpm; pulse of the semantic ids at the asked beat")
-    if refs:
-        print(f"references: {summary(refs)}")
-    print(f"generated:  {summary(gens)}")
+    for m in PULSE_MEASURES:
+        if refs[m]:
+            print(f"{m}, references: {summary(refs[m])}")
+        print(f"{m}, generated:  {summary(gens[m])}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ class Sampling:
     attribute_guidance: float = 0.0   # attribute stages: extra push toward the stated tempo and key (see `guide`)
     beat_copy: float = 0.0         # semantic stages, prompts stating a bpm: logit bonus of the id one beat back (`beat_bias`)
     beat_pick: int = 1             # semantic stages, prompts stating a bpm: make this many, keep the one whose ids pulse most
+    beat_pick_by: str = "repeats"  # ... by data.attributes.PULSE_MEASURES: "repeats" (id_pulse) or "onsets" (onset_pulse)
     # masked (MAGNeT) decoding only
     steps: int | list = 10         # decoding steps per level (the paper: [20, 10, 10, 10])
     guidance_end: float | None = None   # anneal guidance to this as the mask empties (the paper: 10 -> 1)

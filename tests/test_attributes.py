@@ -279,7 +279,8 @@ def parts(tmp_path_factory):
 
 def test_beat_pick_keeps_the_candidate_whose_ids_pulse_at_the_stated_beat(parts, monkeypatch):
     """Sampling.beat_pick: k semantic candidates per prompt in one batch; a prompt stating a bpm keeps the one whose
-    ids repeat at its beat (data.attributes.id_pulse), one stating none its first; no bpm anywhere: one each."""
+    ids repeat at its beat (data.attributes.id_pulse) or, with beat_pick_by=onsets, whose ids change on it
+    (onset_pulse), one stating none its first; no bpm anywhere: one each."""
     from pipeline import PARTS, GenerationOptions, Pipeline, load_parts
     from pipeline_cli import parse_knobs
     pipe = Pipeline(load_parts({n: str(parts / n) for n in PARTS}))
@@ -290,7 +291,11 @@ def test_beat_pick_keeps_the_candidate_whose_ids_pulse_at_the_stated_beat(parts,
     bar = torch.randperm(16, generator=g)[: int(round(beat))]
     cands[1] = bar.repeat(T // len(bar) + 1)[:T]   # prompt 0's second candidate repeats with the beat
     cands[k + 2] = cands[1]                        # so does prompt 1's third, but that prompt states no bpm
+    held = torch.randint(0, 16, (T // int(beat) + 1,), generator=g).repeat_interleave(int(beat))[:T]
+    cands[2] = torch.where(held == torch.roll(held, int(beat)), (held + 1) % 16, held)   # a new id on every beat
     assert attributes.id_pulse(cands[1], beat) > 0.9 and abs(attributes.id_pulse(cands[0], beat)) < 0.2
+    assert attributes.id_pulse(cands[2], beat) < 0 < 0.5 < attributes.onset_pulse(cands[2], beat)
+    assert abs(attributes.onset_pulse(cands[0], beat)) < 0.2 and math.isnan(attributes.onset_pulse(cands[1], beat))
     calls = []
 
     def fake(m, new, s, prompt=None, generator=None, **kw):
@@ -302,11 +307,17 @@ def test_beat_pick_keeps_the_candidate_whose_ids_pulse_at_the_stated_beat(parts,
     sem = pipe.last_codes["semantic"]
     assert sem[0].tolist() == cands[1].tolist() and sem[1].tolist() == cands[k].tolist()
     calls.clear()
+    pipe.generate(["a jig at 150 bpm", "a jig"], 2.5,
+                  options=GenerationOptions(semantic={"beat_pick": k, "beat_pick_by": "onsets"}))
+    sem = pipe.last_codes["semantic"]
+    assert sem[0].tolist() == cands[2].tolist() and sem[1].tolist() == cands[k].tolist()
+    calls.clear()
     pipe.generate(["a jig", "a reel"], 2.5, options=GenerationOptions(semantic={"beat_pick": k}))
     assert sum(calls) == 2 * T   # nothing to pick by: one candidate a prompt
     assert parse_knobs(["semantic.beat_pick=8"]) == [("semantic", "beat_pick", 8)]
     for bad, says in (("coarse.beat_pick=8", "semantic.beat_pick"), ("semantic.beat_pick=0", "at least 1"),
-                      ("semantic.beat_pick=2.5", "whole number")):
+                      ("semantic.beat_pick=2.5", "whole number"), ("semantic.beat_pick_by=beats", "repeats, onsets"),
+                      ("fine.beat_pick_by=onsets", "semantic.beat_pick_by")):
         with pytest.raises(UserError, match=says):
             parse_knobs([bad])
 

@@ -251,5 +251,8 @@ def test_semantic_pulse_finds_ids_that_repeat_at_the_beat(tmp_path):
     assert pulse(np.tile(bar, 10), 120, 25.0) > 0.5
     assert abs(pulse(rng.integers(0, 50, 250), 120, 25.0)) < 0.05
     assert np.isnan(pulse(np.tile(bar, 1)[:12], 120, 25.0))
+    held = np.repeat(np.arange(17) * 7 % 50, 15)     # 100 bpm: a new id every 15 frames, held in between
+    assert pulse(held, 100, 25.0, "onsets") > 0.5 > pulse(held, 100, 25.0, "repeats")
+    assert abs(pulse(rng.integers(0, 50, 250), 100, 25.0, "onsets")) < 0.1
     (tmp_path / "p.txt").write_text("a calm piano piece\n")
     assert_clean_error(run_module("evaluation.semantic_pulse", "--prompts", str(tmp_path / "p.txt")), "states a bpm")
