@@ -12,6 +12,7 @@ A variant is a YAML file; every key is optional (missing parts are the shipped d
     # options: {rerank: 4, rerank_tempo: 1.0}: the best of 4 candidates by MuLan score + 1.0 x the pulse at
     # the bpm the prompt states (Pipeline.rerank); its MuLan gap is then no longer an independent measure
     # options: {semantic: {beat_pick: 8}}: the best of 8 semantic candidates by their ids' pulse at the stated bpm
+    # (beat_pick_by: onsets: by whether their id changes come on that beat, data.attributes.onset_pulse)
 
 Each variant's clips, scores and spectrogram grid go to --out/<name>/; the combined table
 to --out/ablation.md and --out/ablation.json. Every variant after the first is also compared with the
