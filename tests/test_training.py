@@ -15,7 +15,7 @@ from common.checkpoint import load_checkpoint
 from common.config import load_config
 from common.errors import ConfigError, UserError
 from common.training import OutDirLock, RunConfig, check_resume
-from tests.helpers import ROOT, assert_clean_error, run_module, sine
+from tests.helpers import ROOT, assert_clean_error, run_module, run_modules, sine
 from tests.stage_helpers import make_cache
 
 
@@ -75,13 +75,13 @@ def test_ddp_matches_one_process_and_sigkill_resume_is_bit_identical(trainer, da
         time.sleep(0.02)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     assert straight.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", *command(trainer, data, tmp_path / "two", steps)], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=300)
+    # the killed run resumes beside the DDP run (its own folder; most of either is interpreter start-up)
+    two, resumed = run_modules(["torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                "-m", *command(trainer, data, tmp_path / "two", steps)],
+                               [*command(trainer, data, tmp_path / "b", steps), "--resume"])
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = losses(tmp_path / "a"), losses(tmp_path / "two")
     assert len(a) == len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    resumed = run_module(*command(trainer, data, tmp_path / "b", steps), "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
     a, b = (load_checkpoint(tmp_path / d / "last") for d in ("a", "b"))
     assert b.meta["step"] == a.meta["step"] == steps and a.state_dict.keys() == b.state_dict.keys()
