@@ -307,6 +307,8 @@ class Pipeline:
         (s.beat_pick_by: data.attributes.id_pulse, real ids repeat at the beat and sampled ones mostly do not, or
         onset_pulse, their changes come on the beat; README "Best of K semantic ids"); the first candidate where
         no bpm is stated. Only the semantic stage runs k times."""
+        if s.beat_pick_by not in PULSE_MEASURES:   # e.g. stored in a checkpoint's sampling defaults at export
+            raise UserError(f"beat_pick_by is one of {', '.join(PULSE_MEASURES)}, got {s.beat_pick_by!r}")
         measure = PULSE_MEASURES[s.beat_pick_by]
         rep = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731
         B = len(cond_at(0.0))

@@ -314,6 +314,8 @@ def test_beat_pick_keeps_the_candidate_whose_ids_pulse_at_the_stated_beat(parts,
     calls.clear()
     pipe.generate(["a jig", "a reel"], 2.5, options=GenerationOptions(semantic={"beat_pick": k}))
     assert sum(calls) == 2 * T   # nothing to pick by: one candidate a prompt
+    with pytest.raises(UserError, match="repeats, onsets"):   # a bad measure stored in a checkpoint's defaults
+        pipe.generate(["a jig at 150 bpm"], 2.5, options=GenerationOptions(semantic={"beat_pick": k, "beat_pick_by": "x"}))
     assert parse_knobs(["semantic.beat_pick=8"]) == [("semantic", "beat_pick", 8)]
     for bad, says in (("coarse.beat_pick=8", "semantic.beat_pick"), ("semantic.beat_pick=0", "at least 1"),
                       ("semantic.beat_pick=2.5", "whole number"), ("semantic.beat_pick_by=beats", "repeats, onsets"),
