@@ -25,7 +25,7 @@ import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
-from data.attributes import PULSE_MEASURES, beat_frames, bpm_in_text, from_texts as attributes_from_texts
+from data.attributes import beat_frames, bpm_in_text, from_texts as attributes_from_texts, pulse_measure
 
 ROOT = Path(__file__).resolve().parent
 PARTS = ("mulan", "semantic_tokenizer", "acoustic", "semantic", "coarse", "fine")
@@ -307,9 +307,10 @@ class Pipeline:
         (s.beat_pick_by: data.attributes.id_pulse, real ids repeat at the beat and sampled ones mostly do not, or
         onset_pulse, their changes come on the beat; README "Best of K semantic ids"); the first candidate where
         no bpm is stated. Only the semantic stage runs k times."""
-        if s.beat_pick_by not in PULSE_MEASURES:   # e.g. stored in a checkpoint's sampling defaults at export
-            raise UserError(f"beat_pick_by is one of {', '.join(PULSE_MEASURES)}, got {s.beat_pick_by!r}")
-        measure = PULSE_MEASURES[s.beat_pick_by]
+        try:   # a bad name may come from a checkpoint's sampling defaults, stored at export
+            measure = pulse_measure(s.beat_pick_by)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         rep = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731
         B = len(cond_at(0.0))
         ids = self._semantic(lambda sec: rep(cond_at(sec).expand(B, -1)), n, replace(s, beat_pick=1), rep(prompt), g,

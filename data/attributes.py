@@ -138,6 +138,13 @@ def onset_pulse(ids: torch.Tensor, beat: float) -> float:
 PULSE_MEASURES = {"repeats": id_pulse, "onsets": onset_pulse}   # Sampling.beat_pick_by
 
 
+def pulse_measure(name: str):
+    """The PULSE_MEASURES function called `name` (Sampling.beat_pick_by); ValueError naming the choices otherwise."""
+    if name not in PULSE_MEASURES:
+        raise ValueError(f"beat_pick_by is one of {', '.join(PULSE_MEASURES)}, got {name!r}")
+    return PULSE_MEASURES[name]
+
+
 def beat_grid(attrs: torch.Tensor, frames: int, rate: float, start: float | torch.Tensor = 0.0) -> torch.Tensor:
     """A beat clock from each row's tempo id: ids [B, 2] -> [B, frames] beat-phase ids, frame t (at `rate` Hz) of a
     window that begins `start` seconds into the clip (a number, or one per row [B]) in bin
