@@ -74,9 +74,11 @@ class FrameModel(nn.Module):
         self.apply(self._init)
         if self.cond_global is not None:
             nn.init.zeros_(self.cond_global.weight)   # a warm start from a model without it begins as that model
-        for table in (self.attributes, self.beats):   # likewise
+        for table in (self.attributes, self.beats, self.semantic_conv):   # likewise
             if table is not None:
                 nn.init.zeros_(table.weight)
+        if self.semantic_conv is not None:
+            nn.init.zeros_(self.semantic_conv.bias)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
