@@ -1,6 +1,7 @@
 """Generation metrics on cases whose answer is known, and the two harnesses end to end."""
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,16 @@ def test_click_track_at_120_bpm_is_measured_as_120():
     assert bpm == pytest.approx(120, rel=0.04)
     assert tempo_correct(bpm, 120) and tempo_correct(60.5, 120) and tempo_correct(181, 60)
     assert not tempo_correct(100, 120) and not tempo_correct(130, 120)
+
+
+def test_onset_alignment_is_one_for_the_same_notes_and_low_for_shifted_ones():
+    from evaluation.oracle import onset_alignment
+    clicks = torch.from_numpy(np.stack([click_track(120, 4), click_track(120, 4)]))
+    shifted = torch.roll(clicks, int(0.25 * SR), dims=-1)   # an eighth note later at 120 bpm
+    same, off = onset_alignment(clicks, clicks, SR), onset_alignment(shifted, clicks, SR)
+    assert torch.allclose(same, torch.ones(2), atol=1e-4) and (off < 0.2).all()
+    noisy = clicks + 0.05 * torch.from_numpy(np.random.default_rng(0).normal(size=clicks.shape).astype(np.float32))
+    assert (onset_alignment(noisy, clicks, SR) > 0.5).all()
 
 
 def test_pulse_strength_is_sharp_in_tempo_and_allows_half_and_double():
@@ -209,8 +220,28 @@ def test_oracle_scores_every_row_on_labelled_clips(parts, tmp_path, monkeypatch)
                for r in rows.values())   # both clips state a tempo and a key
     assert rows["original"]["tempo_acc"] == 1.0   # click tracks: the beat tracker's ceiling
     assert rows["codec"]["mel_distance"] > 0 and "mel_distance" not in rows["chain"]
+    assert -1 <= rows["codec"]["onset_alignment"] <= 1 and "onset_alignment" not in rows["chain"]
+    assert all(-1 <= r["pulse"] <= 1 for r in rows.values()) and rows["original"]["pulse"] > 0.2   # clicks (1.5 s: few beats)
     assert "| coarse_stage |" in (tmp_path / "or/oracle.md").read_text()
-    assert "| tempo | key |" in (tmp_path / "or/oracle.md").read_text()
+    assert "| tempo | key | mel distance | onset alignment | pulse |" in (tmp_path / "or/oracle.md").read_text()
+    # --stated-bpm keeps captions that state one ("organ at 90 bpm" does); --group-by reports each group
+    in_process(monkeypatch, main, "--manifest", parts / "test.jsonl", "--out", tmp_path / "g", "--seconds", "1.5",
+               "--per-label", "1", "--rows", "original", "codec", "--stated-bpm", "--group-by", "instrument_label",
+               *stage_flags(parts))
+    res = json.loads((tmp_path / "g/oracle.json").read_text())
+    groups = res["rows"]["original"]["groups"]
+    assert res["clips"] == 2 and set(groups) == {"piano", "organ"} and groups["organ"]["clips"] == 1
+    assert groups["organ"]["tempo_hits"] == 1 and res["rows"]["original"]["tempo_hits"] == 2
+    assert "| row | organ | piano |" in (tmp_path / "g/oracle.md").read_text()
+    per = [json.loads(l) for l in (tmp_path / "g/clips.jsonl").read_text().splitlines()]
+    assert [(o["row"], Path(o["audio"]).name) for o in per] == [(r, f"{i}.wav") for r in ("original", "codec") for i in (0, 1)]
+    assert all(o["tempo_ok"] for o in per[:2]) and "onset_alignment" in per[2]
+    unstated = tmp_path / "unstated.jsonl"
+    unstated.write_text("".join(json.dumps(dict(json.loads(l), caption="a calm organ")) + "\n"
+                                for l in (parts / "test.jsonl").read_text().splitlines()))
+    assert_clean_error(run_module("evaluation.oracle", "--manifest", str(unstated), "--out", str(tmp_path / "u"),
+                                  "--stated-bpm", "--train-manifest", str(parts / "train.jsonl")),
+                       "a caption stating a bpm")
     assert_clean_error(run_module("evaluation.oracle", "--manifest", str(tmp_path / "none.jsonl"),
                                   "--out", str(tmp_path / "x"), "--train-manifest", str(parts / "train.jsonl")),
                        "not found")
