@@ -67,7 +67,7 @@ class DelayStage:
                                 self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context,
                                 cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim, cfg.cond_global and not fine,
                                 ATTRIBUTE_VOCAB if cfg.attribute_input and not fine else 0,
-                                cfg.acoustic_rate if cfg.beat_input and not fine else 0.0)
+                                cfg.acoustic_rate if cfg.beat_input and not fine else 0.0, cfg.semantic_onsets)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""

@@ -35,7 +35,7 @@ class FrameModel(nn.Module):
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
                  known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
                  tie: bool = False, cond_dim: int = 0, cond_global: bool = False, attribute_vocab: int = 0,
-                 beat_rate: float = 0.0):
+                 beat_rate: float = 0.0, semantic_onsets: bool = False):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
@@ -62,6 +62,9 @@ class FrameModel(nn.Module):
         # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
         self.semantic_conv = nn.Conv1d(dim, dim, 2 * semantic_context + 1, padding=semantic_context) \
             if semantic_codebook and semantic_context else None
+        # semantic_onsets: where the id changes from the frame before (a note or chord starts there, to 40 ms),
+        # a learnt vector is summed into the frame, so the stage need not infer the change from two embeddings
+        self.onsets = nn.Embedding(2, dim) if semantic_codebook and semantic_onsets else None
         self.known = nn.Embedding(known_levels * codebook, dim) if known_levels else None
         self.register_buffer("known_offsets", torch.arange(known_levels) * codebook, persistent=False)
         self.codes = nn.Embedding(levels * (codebook + 2), dim)
@@ -74,7 +77,7 @@ class FrameModel(nn.Module):
         self.apply(self._init)
         if self.cond_global is not None:
             nn.init.zeros_(self.cond_global.weight)   # a warm start from a model without it begins as that model
-        for table in (self.attributes, self.beats, self.semantic_conv):   # likewise
+        for table in (self.attributes, self.beats, self.semantic_conv, self.onsets):   # likewise
             if table is not None:
                 nn.init.zeros_(table.weight)
         if self.semantic_conv is not None:
@@ -121,6 +124,8 @@ class FrameModel(nn.Module):
         x = self.semantic(semantic)
         if self.semantic_conv is not None:
             x = x + self.semantic_conv(x.transpose(1, 2)).transpose(1, 2)
+        if self.onsets is not None:   # the first frame of a window has no frame before it: no change
+            x = x + self.onsets(torch.nn.functional.pad((semantic[:, 1:] != semantic[:, :-1]).long(), (1, 0)))
         if self.beats is not None and attrs is not None:
             x = x + self.beats(beat_grid(attrs, x.shape[1], self.beat_rate, beat_start))
         return x if g is None else x + g[:, None]

@@ -171,6 +171,20 @@ def test_semantic_context_lets_a_frame_see_the_ids_ahead(tmp_path, cache):
         assert torch.allclose(seen[0][:, 22:24], seen[1][:, 22:24], atol=1e-5) != sees   # just before: only with context
 
 
+def test_semantic_onsets_mark_the_frames_where_the_id_changes(tmp_path):
+    stage = build_stage(delay_cfg(tmp_path, "coarse", semantic_onsets=True))
+    m = stage.model
+    ids = torch.tensor([[3, 3, 3, 5, 5, 3, 3]])
+    plain = m.semantic(ids)
+    assert torch.equal(m.semantic_features(ids), plain)   # starts at zero: a warm start begins as its parent
+    torch.nn.init.normal_(m.onsets.weight)
+    added = m.semantic_features(ids) - plain
+    changed = torch.tensor([False, False, False, True, False, True, False])
+    assert torch.allclose(added[0, changed], m.onsets.weight[1].expand(2, -1), atol=1e-6)
+    assert torch.allclose(added[0, ~changed], m.onsets.weight[0].expand(5, -1), atol=1e-6)
+    assert build_stage(delay_cfg(tmp_path, "coarse")).model.onsets is None
+
+
 def test_code_dropout_hides_history_in_training_only(tmp_path, cache):
     torch.manual_seed(0)
     stage = build_stage(delay_cfg(tmp_path, "coarse", code_dropout=0.5))
