@@ -11,7 +11,11 @@ For each tokenizer checkpoint, on corpus clips:
   instead, e.g. `python -m data.corpus --splits valid,test` renders more of the held-out works;
 - stability: the fraction of tokens unchanged under a 3 dB gain change and under white noise
   at 30 dB SNR (test split);
-- codebook usage: the fraction of the k clusters used on the test split.
+- codebook usage: the fraction of the k clusters used on the test split;
+- churn: how often the id changes from one frame to the next, per second, and per note onset that
+  librosa's onset detector finds in the clip (medians over test clips). Ids that hold across a
+  note and change at the next one read about 1 change per onset; a stage that must find note
+  starts in the ids (the coarse stage) cannot, when they change several times per note.
 With several checkpoints, each is also compared with the last one (the baseline) on the same
 clips: the paired difference of probe accuracy and a 95% bootstrap interval that resamples
 works, not clips (clips of one work share labels and music, so they are not independent).
@@ -70,6 +74,18 @@ def paired_interval(a: np.ndarray, b: np.ndarray, groups: list[str], n: int = 20
     return float(diff.mean()), float(lo), float(hi)
 
 
+def churn(ids: torch.Tensor, waves: torch.Tensor, frame_rate: float, sample_rate: int) -> dict:
+    """Ids [n, T] at frame_rate of clips [n, N] (or [n, 1, N]) -> median id changes per second and per
+    detected onset."""
+    import librosa
+    changes = (ids[:, 1:] != ids[:, :-1]).sum(1).numpy()
+    seconds = ids.shape[1] / frame_rate
+    onsets = np.array([len(librosa.onset.onset_detect(y=w.reshape(-1).numpy().astype(np.float32), sr=sample_rate))
+                       for w in waves])
+    return {"changes_per_second": round(float(np.median(changes / seconds)), 3),
+            "changes_per_onset": round(float(np.median(changes / np.maximum(onsets, 1))), 3)}
+
+
 def evaluate_tokenizer(tok, corpus: Path, train_clips: int, test_clips: int, seed: int = 0,
                        test_manifests: list[Path] | None = None, details: dict | None = None) -> dict:
     """The numbers of one tokenizer; `details`, if given, receives per-clip probe correctness and work ids."""
@@ -97,6 +113,7 @@ def evaluate_tokenizer(tok, corpus: Path, train_clips: int, test_clips: int, see
         ids = torch.cat([tok.encode(x[i:i + 8]) for i in range(0, len(x), 8)])
         out[f"unchanged_{name}"] = round(float((ids == te_ids).float().mean()), 4)
     out["codebook_usage"] = round(len(torch.unique(te_ids)) / k, 4)
+    out.update(churn(te_ids, te_wav, tok.frame_rate, tok.sample_rate))
     return out
 
 

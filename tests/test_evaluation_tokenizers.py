@@ -55,6 +55,7 @@ def test_semantic_evaluation_on_the_logmel_baseline(corpus):
     assert res["unchanged_gain_3db"] == 1.0  # per-clip normalisation removes gain exactly
     assert 0.2 < res["unchanged_noise_30db"] <= 1.0
     assert 0 < res["codebook_usage"] <= 1.0
+    assert 0 <= res["changes_per_second"] <= tok.frame_rate and res["changes_per_onset"] >= 0
     assert np.allclose(bags(torch.tensor([[0, 0, 1, 3]]), 4), [[0.5, 0.25, 0, 0.25]])
     # other held-out manifests replace CORPUS/test.jsonl, in order, up to test_clips
     lines = (corpus / "test.jsonl").read_text().splitlines()
@@ -80,6 +81,20 @@ def test_semantic_evaluation_command_pairs_each_checkpoint_with_the_last(corpus,
     res = list(json.loads((tmp_path / "ev/results.json").read_text()).values())
     assert res[0]["source_vs_last"] == "+0.0000 [+0.0000, +0.0000]" and "source_vs_last" not in res[1]
     assert "source_vs_last" in (tmp_path / "ev/results.md").read_text()
+
+
+def test_churn_counts_id_changes_per_second_and_per_onset():
+    from evaluation.semantic import churn
+    sr, rate = 24000, 25.0
+    wav = np.zeros(4 * sr, np.float32)
+    for start in range(0, 4 * sr, sr // 2):   # a click every half second: 8 onsets in 4 s
+        wav[start:start + 240] = np.hanning(240) * np.sin(np.arange(240) * 0.5)
+    held = (torch.arange(100) / 12.5).long()[None]     # a new id at each click after the first: 7 changes
+    flicker = torch.arange(100)[None] % 2              # a new id every frame: 99 changes
+    waves = torch.from_numpy(wav)[None]
+    steady, busy = churn(held, waves, rate, sr), churn(flicker, waves, rate, sr)
+    assert steady["changes_per_second"] == 1.75 and busy["changes_per_second"] == 24.75
+    assert 0.8 <= steady["changes_per_onset"] <= 1.2 and busy["changes_per_onset"] > 12   # 7-8 onsets found
 
 
 def test_paired_interval_resamples_works_not_clips():
