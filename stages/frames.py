@@ -62,8 +62,9 @@ class FrameModel(nn.Module):
         # whole, given sequence of ids: what comes next is known, as in AudioLM's coarse stage)
         self.semantic_conv = nn.Conv1d(dim, dim, 2 * semantic_context + 1, padding=semantic_context) \
             if semantic_codebook and semantic_context else None
-        # semantic_onsets: where the id changes from the frame before (a note or chord starts there, to 40 ms),
-        # a learnt vector is summed into the frame, so the stage need not infer the change from two embeddings
+        # semantic_onsets: where the id changes from the frame before, a learnt vector is summed into the frame,
+        # so the stage need not infer the change from two embeddings (tried: the shipped tokenizer's ids change
+        # ~4 times per note onset, so the change says little; README "The stage table as a project command")
         self.onsets = nn.Embedding(2, dim) if semantic_codebook and semantic_onsets else None
         self.known = nn.Embedding(known_levels * codebook, dim) if known_levels else None
         self.register_buffer("known_offsets", torch.arange(known_levels) * codebook, persistent=False)
