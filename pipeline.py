@@ -56,6 +56,7 @@ class GenerationOptions:
     fine: dict = field(default_factory=dict)
     rerank: int = 1              # evaluation: make this many candidates per prompt, keep the best (Pipeline.rerank)
     rerank_tempo: float = 1.0    # ... by MuLan score + this x the pulse at the stated bpm
+    metronome: bool = True       # a coarse stage with onset_input is given a click on every beat a prompt states
 
 
 def rerank_score(terms: dict, tempo_weight: float) -> torch.Tensor:
@@ -161,13 +162,15 @@ class Pipeline:
     def generate(self, texts: list[str] | None = None, duration: float = 10.0, story: list[tuple[str, float]] | None = None,
                  prompt_audio: torch.Tensor | None = None, options: GenerationOptions | None = None,
                  progress: bool = False, semantic_ids: torch.Tensor | None = None,
-                 melody: torch.Tensor | None = None) -> torch.Tensor:
+                 melody: torch.Tensor | None = None, rhythm: torch.Tensor | None = None) -> torch.Tensor:
         """Prompts (or a story: [(text, start seconds)]) -> audio [B, 1, N] at the codec's rate; with
         `prompt_audio` [B, 1, P] the output is the prompt (cut to whole token frames) plus `duration`.
         `semantic_ids` [B, T_s] (e.g. `self.semantic_ids(audio)`) replace the semantic stage's: AudioLM's
         acoustic resynthesis, or with another text a timbre transfer; `duration` is capped to T_s frames.
         `melody` [1 or B, 1, N] (at the codec's rate): a recording whose tune the semantic stage follows
-        (MusicGen's melody conditioning; a semantic stage trained with melody_input)."""
+        (MusicGen's melody conditioning; a semantic stage trained with melody_input). `rhythm` [1 or B, 1, N]: a
+        recording whose note onsets the coarse stage follows (one trained with onset_input); without one, such a
+        stage hears a metronome at the bpm a prompt states (`options.metronome`, data/onsets.py)."""
         o = options or GenerationOptions()
         self.show_progress, self.where = progress, "loading"
         if not 0 < duration <= MAX_SECONDS:
@@ -215,7 +218,9 @@ class Pipeline:
             sem = None
         self.timings["semantic"], t = time.perf_counter() - t, time.perf_counter()
         n_sem = sem.shape[1] if sem is not None else n_sem + (0 if ac_prompt is None else ac_prompt.shape[-1] // self.ratio)
-        coarse = self._coarse(cond_at, sem, n_sem, s["coarse"], ac_prompt, g, sem_rate, attr_at)
+        onsets = self._onsets(rhythm, texts, story, o, len(conds[0][1]), n_sem * self.ratio, prompt_audio,
+                              0 if ac_prompt is None else ac_prompt.shape[-1])
+        coarse = self._coarse(cond_at, sem, n_sem, s["coarse"], ac_prompt, g, sem_rate, attr_at, onsets)
         self.timings["coarse"], t = time.perf_counter() - t, time.perf_counter()
         fine = self._fine(coarse, s["fine"], ac_prompt, g) if self.parts["fine"] is not None else coarse[:, :0]
         self.timings["fine"], t = time.perf_counter() - t, time.perf_counter()
@@ -230,9 +235,10 @@ class Pipeline:
     @torch.no_grad()
     def render(self, condition: torch.Tensor, semantic_ids: torch.Tensor | None = None, coarse: torch.Tensor | None = None,
                options: GenerationOptions | None = None, fine: bool = True,
-               attributes: torch.Tensor | None = None) -> torch.Tensor:
+               attributes: torch.Tensor | None = None, onsets: torch.Tensor | None = None) -> torch.Tensor:
         """The acoustic stages alone, from given tokens (the stage-wise oracle's rows): MuLan tokens
-        [B, Q_m] + semantic ids [B, T_s] (+ tempo and key ids [B, 2], data/attributes.py) -> codec codes
+        [B, Q_m] + semantic ids [B, T_s] (+ tempo and key ids [B, 2], data/attributes.py, + onset levels [B, T],
+        data/onsets.py, for a coarse stage that reads them) -> codec codes
         [B, Q, T_s * ratio]; with `coarse` codes [B, Q_c, T] only the fine stage runs; with fine=False only the
         coarse one. Decode with `self.codec.decode`."""
         o = options or GenerationOptions()
@@ -241,7 +247,8 @@ class Pipeline:
         if coarse is None:
             rate = self.parts["semantic_tokenizer"].frame_rate
             coarse = self._coarse(lambda sec: condition, semantic_ids, semantic_ids.shape[1], s["coarse"], None, g, rate,
-                                  None if attributes is None else (lambda sec: attributes))
+                                  None if attributes is None else (lambda sec: attributes),
+                                  onsets if getattr(self.parts["coarse"], "takes_onsets", False) else None)
         if not fine or self.parts["fine"] is None:
             return coarse
         return torch.cat([coarse, self._fine(coarse, s["fine"], None, g)], 1)
@@ -321,9 +328,10 @@ class Pipeline:
         best = torch.where(beats > 0, score.argmax(1), torch.zeros(B, dtype=torch.long))
         return ids.view(B, k, -1)[torch.arange(B), best]
 
-    def _coarse(self, cond_at, sem, n, s, prompt, g, rate, attr_at=None):
+    def _coarse(self, cond_at, sem, n, s, prompt, g, rate, attr_at=None, onsets=None):
         """Codes over n semantic frames (the coarse levels, or every level for an acoustic-role stage), in
-        sliding windows that keep the codes of the last C semantic frames as the next window's prompt."""
+        sliding windows that keep the codes of the last C semantic frames as the next window's prompt; `onsets`
+        [B, n * ratio] (a stage with onset_input) are cut to each window."""
         stage, r = self.parts["coarse"], self.ratio
         q = stage.cfg.coarse_levels + (stage.cfg.fine_levels if stage.role == "acoustic" else 0)
         W, C = self._windows(stage)
@@ -335,11 +343,41 @@ class Pipeline:
                 a = max(0, min(pos - C, n - W)) if pos > 0 else 0
                 end = min(a + W, n)
                 m = cond_at(pos / rate).expand(B, -1)[:, : stage.cfg.mulan_levels]
+                beat = {} if onsets is None else {"onsets": onsets[:, a * r: end * r]}
                 new = stage.generate(m, sem[:, a:end] if sem is not None else None, (end - pos) * r, s,
                                      prompt=out[..., a * r: pos * r], generator=g,
-                                     **self._attributes(stage, attr_at, pos / rate, B, a / rate))
+                                     **self._attributes(stage, attr_at, pos / rate, B, a / rate), **beat)
                 bar.update((end - pos) / rate)
                 out, pos = torch.cat([out, new], -1), end
+        return out
+
+    def _onsets(self, rhythm, texts, story, o, B, frames, prompt_audio, P) -> torch.Tensor | None:
+        """Onset levels [B, frames] for a coarse stage with onset_input (None for any other): over a prompt audio
+        (P frames) its own; after it a `rhythm` recording's (NOT_GIVEN past its end) or, with o.metronome, a click on
+        each beat of the bpm the text states (a story's held until restated); NOT_GIVEN where neither says."""
+        from data import onsets as ons
+        stage = self.parts["coarse"]
+        if not getattr(stage, "takes_onsets", False):
+            if rhythm is not None:
+                raise UserError("this coarse stage was trained without onset_input, so it cannot follow a rhythm; "
+                                "pass one trained with onset_input=true (--stage coarse=PATH) or leave out --rhythm")
+            return None
+        rate = stage.cfg.acoustic_rate
+        out = torch.full((B, frames), ons.NOT_GIVEN, dtype=torch.long)
+        if P:
+            out[:, :P] = ons.onset_levels(prompt_audio[:, 0], self.sample_rate, rate, P)
+        if rhythm is not None:
+            n = min(frames - P, int(rhythm.shape[-1] * rate // self.sample_rate))
+            out[:, P:P + n] = ons.onset_levels(rhythm[:, 0], self.sample_rate, rate, n).expand(B, -1)
+        elif o.metronome:
+            bpm = torch.zeros(B, frames)
+            for text, start in story or []:   # seconds from the start of the prompt audio, as the story's texts
+                said = bpm_in_text(text)
+                if said:
+                    bpm[:, int(round(start * rate)):] = said
+            if not story:
+                bpm[:] = torch.tensor([bpm_in_text(t) or 0.0 for t in texts])[:, None]
+            out[:, P:] = ons.metronome(bpm[:, P:], rate)
         return out
 
     def _fine(self, coarse, s, prompt, g):

@@ -120,6 +120,10 @@ def main() -> None:
                          "with another --text, a timbre transfer); --duration is capped to its length")
     ap.add_argument("--melody", type=Path, default=None, metavar="AUDIO",
                     help="a recording whose tune the music follows (a semantic stage trained with melody_input)")
+    ap.add_argument("--rhythm", type=Path, default=None, metavar="AUDIO",
+                    help="a recording whose note onsets the music follows (a coarse stage trained with onset_input)")
+    ap.add_argument("--no-metronome", action="store_true",
+                    help="a coarse stage with onset_input gets no click at the bpm the prompt states")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
     ap.add_argument("--int8", action="store_true", help="stages generate with int8 weights (faster on CPU)")
@@ -158,9 +162,9 @@ def main() -> None:
     if args.prompt_audio and args.semantic_from:
         raise UserError("give either --prompt-audio (continue a recording) or --semantic-from (re-render one), not both")
     prompt = source = None
-    tune = None
+    tune = rhythm = None
     for flag, path in (("--prompt-audio", args.prompt_audio), ("--semantic-from", args.semantic_from),
-                       ("--melody", args.melody)):
+                       ("--melody", args.melody), ("--rhythm", args.rhythm)):
         if path:
             try:
                 audio = torch.from_numpy(load_audio(path, 24000))[None, None]
@@ -170,8 +174,10 @@ def main() -> None:
                 prompt = audio
             elif flag == "--semantic-from":
                 source = audio
-            else:
+            elif flag == "--melody":
                 tune = audio
+            else:
+                rhythm = audio
 
     t0 = time.perf_counter()
     pipe = Pipeline(load_parts(paths), int8=args.int8)
@@ -179,6 +185,9 @@ def main() -> None:
     if tune is not None and not pipe.parts["semantic"].cfg.melody_input:
         raise UserError("--melody needs a semantic stage trained with melody_input=true; pass one with "
                         "--stage semantic=PATH or leave out --melody")
+    if rhythm is not None and not getattr(pipe.parts["coarse"], "takes_onsets", False):
+        raise UserError("--rhythm needs a coarse stage trained with onset_input=true; pass one with "
+                        "--stage coarse=PATH or leave out --rhythm")
     if prompt is not None and pipe.sample_rate != 24000:
         prompt = torch.from_numpy(load_audio(args.prompt_audio, pipe.sample_rate))[None, None]
     ids = None
@@ -187,7 +196,7 @@ def main() -> None:
             source = torch.from_numpy(load_audio(args.semantic_from, pipe.sample_rate))[None, None]
         ids = pipe.semantic_ids(source)
         args.duration = min(args.duration, ids.shape[1] / pipe.parts["semantic_tokenizer"].frame_rate)
-    opts = GenerationOptions(seed=args.seed, guidance=args.guidance)
+    opts = GenerationOptions(seed=args.seed, guidance=args.guidance, metronome=not args.no_metronome)
     for stage in ("semantic", "coarse", "fine"):
         for knob in ("temperature", "top_k", "top_p", "steps"):
             value = getattr(args, f"{stage}_{knob}")
@@ -206,7 +215,7 @@ def main() -> None:
     per = args.batch * args.rerank
     t1 = time.perf_counter()
     try:
-        wav = generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune)
+        wav = generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune, rhythm)
     except KeyboardInterrupt:
         print(f"interrupted in the {pipe.where}; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
@@ -220,18 +229,19 @@ def main() -> None:
     print(f"loaded models in {load_s:.1f} s; generated in {gen_s:.1f} s ({times})")
 
 
-def generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune=None) -> torch.Tensor:
+def generate_all(pipe, args, story, texts, opts, prompt, ids, per, tune=None, rhythm=None) -> torch.Tensor:
     """Every requested clip: [rows * batch, 1, N] (reranked down to `batch` per prompt with --rerank)."""
     progress = not args.quiet
     if story:
         wav = torch.cat([pipe.generate(None, args.duration, story=story, options=opts, prompt_audio=prompt,
-                                       semantic_ids=ids, progress=progress, melody=tune) for _ in range(per)])
+                                       semantic_ids=ids, progress=progress, melody=tune, rhythm=rhythm)
+                         for _ in range(per)])
     else:
         expanded = [t for t in texts for _ in range(per)]
         wav = pipe.generate(expanded, args.duration, options=opts,
                             prompt_audio=prompt.expand(len(expanded), -1, -1) if prompt is not None else None,
                             semantic_ids=ids.expand(len(expanded), -1) if ids is not None else None,
-                            progress=progress, melody=tune)
+                            progress=progress, melody=tune, rhythm=rhythm)
     if args.rerank > 1:
         keys = [" ".join(texts)] if story else texts
         wav = pipe.rerank([k for k in keys for _ in range(args.batch)], wav, args.rerank, args.rerank_tempo)

@@ -3,6 +3,7 @@ this module is the part that needs the tokenizers, so the data package never imp
 
     python -m data.tokenize --manifest corpus/train.jsonl --manifest corpus/valid.jsonl --out cache/corpus \
         [--acoustic PATH] [--semantic PATH] [--mulan PATH] [--seconds 10] [--rephrasings 8] [--text-only]
+        [--melody-only] [--attributes-only] [--onsets-only]
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from audio_tokenizers.semantic import load_semantic
 from common.errors import AudioError, UserError
 from data.audio import crop_or_pad, load_audio
 from data.manifest import SkipCounter, iter_audio, read_manifest
+from data.onsets import NOT_GIVEN, onset_levels
 from data.tokenize import (ARRAYS, BATCH, REPHRASINGS, TokenCache, checkpoint_hash, checkpoint_hashes, describe,
                            mulan_audio_hashes, text_tokens, write_cache)
 
@@ -84,6 +86,29 @@ def add_melody(out: Path) -> None:
     print(f"wrote the melody ids of {len(ids)} clips to {out / 'melody.npy'}; {skips.summary()}")
 
 
+def onsets_array(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames: int) -> np.ndarray:
+    """Onset levels of clips [B, 1, N] (data/onsets.py) at the acoustic arrays' `frames` -> [B, frames] int8."""
+    return onset_levels(wav[:, 0], sample_rate, frame_rate, frames).numpy().astype(np.int8)
+
+
+def add_onsets(out: Path) -> None:
+    """Write onsets.npy for an existing cache from its clips' audio; a clip whose file is gone or unreadable gets
+    NOT_GIVEN throughout (a training row without onsets), and is counted."""
+    cache = TokenCache(out)
+    ix, frames = cache.index, cache.arrays["acoustic"].shape[-1]
+    sr, n = ix["acoustic"]["sample_rate"], int(ix["seconds"] * ix["acoustic"]["sample_rate"])
+    levels, skips = np.full((len(ix["clips"]), frames), NOT_GIVEN, dtype=np.int8), SkipCounter()
+    for i, clip in enumerate(tqdm(ix["clips"], desc="onsets", mininterval=5.0)):
+        try:
+            wav = crop_or_pad(load_audio(clip["audio"], sr), n)
+        except AudioError as e:
+            skips.add(e)
+            continue
+        levels[i] = onsets_array(torch.from_numpy(wav)[None, None], sr, ix["acoustic"]["frame_rate"], frames)[0]
+    write_cache(out, {"onsets": levels})
+    print(f"wrote the onset levels of {len(levels)} clips to {out / 'onsets.npy'}; {skips.summary()}")
+
+
 def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], seconds: float,
              rephrasings: int = REPHRASINGS) -> int:
     acoustic, semantic, mulan = load_acoustic(paths["acoustic"]), load_semantic(paths["semantic"]), \
@@ -108,14 +133,14 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
                             "--manifest <the cache's manifests>), then append")
         hashes = made_by
         for name, flag in (("mulan_text", "--text-only"), ("melody", "--melody-only"),
-                           ("attributes", "--attributes-only")):
+                           ("attributes", "--attributes-only"), ("onsets", "--onsets-only")):
             if name not in existing.arrays:
                 raise UserError(f"{out} has no {name}.npy yet; add it first with {flag}, then append")
         if existing.arrays["mulan_text"].shape[1] != rephrasings:
             raise UserError(f"{out} holds {existing.arrays['mulan_text'].shape[1]} captions per clip; append with "
                             f"--rephrasings {existing.arrays['mulan_text'].shape[1]}")
     n = int(seconds * acoustic.sample_rate)
-    skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in (*ARRAYS, "melody")}
+    skips, clips, metas, arrays = SkipCounter(), [], [], {k: [] for k in (*ARRAYS, "melody", "onsets")}
 
     def encode(batch: list[np.ndarray]) -> None:   # batches of clips: fewer, larger matrix products
         x = torch.from_numpy(np.stack(batch))[:, None]
@@ -123,6 +148,7 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
         arrays["semantic"].extend(semantic.encode(x).numpy().astype(np.int16))
         arrays["mulan"].extend(mulan.tokens(mulan.embed_audio(x)).numpy().astype(np.int16))
         arrays["melody"].extend(melody_array(x, acoustic.sample_rate, semantic.frame_rate, arrays["semantic"][-1].shape[-1]))
+        arrays["onsets"].extend(onsets_array(x, acoustic.sample_rate, acoustic.frame_rate, arrays["acoustic"][-1].shape[-1]))
         batch.clear()
 
     for manifest in manifests:
@@ -143,7 +169,7 @@ def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], sec
     arrays["mulan_text"] = text_tokens(mulan, metas, rephrasings)
     arrays["attributes"] = list(attributes_array(metas))
     stacked = {}
-    for k in (*ARRAYS, "mulan_text", "melody", "attributes"):
+    for k in (*ARRAYS, "mulan_text", "melody", "attributes", "onsets"):
         stacked[k] = np.stack(arrays[k])
         if old is not None:
             stacked[k] = np.concatenate([np.load(out / f"{k}.npy"), stacked[k]])
@@ -167,6 +193,8 @@ def main() -> None:
     ap.add_argument("--melody-only", action="store_true", help="only add melody ids to the existing cache --out")
     ap.add_argument("--attributes-only", action="store_true",
                     help="only add each clip's tempo and key (from the --manifest metadata) to the existing cache --out")
+    ap.add_argument("--onsets-only", action="store_true",
+                    help="only add each clip's onset levels (data/onsets.py, from its audio) to the existing cache --out")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,6 +207,9 @@ def main() -> None:
         return
     if args.melody_only:
         add_melody(args.out)
+        return
+    if args.onsets_only:
+        add_onsets(args.out)
         return
     if args.attributes_only:
         if not args.manifest:

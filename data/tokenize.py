@@ -18,7 +18,8 @@ same tokenizers: a cache never mixes tokens from different ones.
 adds (or replaces) `mulan_text.npy` of an existing cache, with the MuLan that made its audio tokens;
 `--melody-only` likewise adds `melody.npy` (from the clips' audio), and `--attributes-only` (with the manifests)
 `attributes.npy` [N, 2]: each clip's tempo in bpm and key index from its metadata (data/attributes.py; 0 and
--1 where a row has none).
+-1 where a row has none), and `--onsets-only` `onsets.npy` [N, T_a] (int8): each acoustic frame's onset level
+(data/onsets.py), from the clips' audio.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 from common.errors import UserError, run_cli
 
 ARRAYS = ("acoustic", "semantic", "mulan")
-OPTIONAL = ("mulan_text", "melody", "attributes")   # caches made before these existed lack them
+OPTIONAL = ("mulan_text", "melody", "attributes", "onsets")   # caches made before these existed lack them
 BATCH = 8
 REPHRASINGS = 8
 
@@ -101,6 +102,9 @@ class TokenCache:
                                                        for r, s in zip(rows, start_s)]).astype(np.int64))
         if "attributes" in self.arrays:
             out["attributes"] = torch.from_numpy(self.arrays["attributes"][rows].astype(np.int64))
+        if "onsets" in self.arrays:
+            out["onsets"] = torch.from_numpy(np.stack([self.arrays["onsets"][r, s * ratio: (s + semantic_frames) * ratio]
+                                                       for r, s in zip(rows, start_s)]).astype(np.int64))
         return out
 
 

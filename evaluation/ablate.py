@@ -57,7 +57,7 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
     for key, value in (spec.get("options") or {}).items():
         if not hasattr(opts, key):
             raise UserError(f"variant {path}: unknown option {key!r}; "
-                            "use seed, guidance, semantic, coarse, fine, rerank, rerank_tempo")
+                            "use seed, guidance, semantic, coarse, fine, rerank, rerank_tempo, metronome")
         if isinstance(getattr(opts, key), dict):
             from dataclasses import fields
 

@@ -17,6 +17,9 @@ Each row hands the chain the truth of a real clip down to some point and runs th
     coarse_stage_text   true semantic ids + the MuLan text tokens of its caption -> coarse (+ fine) stages
     chain               the whole pipeline from the caption
 
+A coarse stage trained with onset_input is handed the clip's own onset levels in the coarse_stage rows (true, as
+the semantic ids are) and, in the chain row, a metronome at the bpm the caption states (options.metronome).
+
 An acoustic-role stage in the coarse slot makes every level, so it has no fine_stage row.
 Measures: instrument accuracy by the project's classifier (MFCC statistics + logistic regression
 fitted on train-split originals, evaluation/codec.py), the number of distinct instruments it hears,
@@ -48,6 +51,7 @@ from common.errors import UserError, run_cli
 from data.attributes import bpm_in_text, from_texts, ids, raw_from_metadata
 from data.audio import crop_or_pad, load_audio
 from data.manifest import read_manifest
+from data.onsets import onset_levels
 
 ROWS = ("original", "codec", "coarse_only", "fine_stage", "coarse_stage_only", "coarse_stage", "coarse_stage_text",
         "chain")
@@ -87,12 +91,15 @@ def row_codes(name: str, pipe, x: torch.Tensor, rows: list[dict], options) -> to
     if name == "fine_stage":
         return None if pipe.parts["fine"] is None else pipe.render(None, coarse=codes[:, :qc], options=options)
     sem = pipe.semantic_ids(x)
+    onsets = None   # a coarse stage with onset_input is handed the clip's own, as its true semantic ids
+    if getattr(pipe.parts["coarse"], "takes_onsets", False):
+        onsets = onset_levels(x[:, 0], pipe.sample_rate, pipe.parts["coarse"].cfg.acoustic_rate, sem.shape[1] * pipe.ratio)
     if name in ("coarse_stage", "coarse_stage_only"):
         return pipe.render(mulan.tokens(mulan.embed_audio(x, pipe.sample_rate)), sem, options=options,
-                           fine=name == "coarse_stage", attributes=ids(raw_from_metadata(rows)))
+                           fine=name == "coarse_stage", attributes=ids(raw_from_metadata(rows)), onsets=onsets)
     if name == "coarse_stage_text":
         return pipe.render(mulan.tokens(mulan.embed_text(captions)), sem, options=options,
-                           attributes=from_texts(captions))
+                           attributes=from_texts(captions), onsets=onsets)
     raise ValueError(name)
 
 

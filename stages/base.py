@@ -48,6 +48,8 @@ class StageConfig(RunConfig):
     melody_dropout: float = 0.5       # the chance a training row gets no melody (text-only prompts keep working)
     semantic_context: int = 0         # frame-aligned kinds: each frame also sees the semantic ids of +-c frames
     semantic_onsets: bool = False     # frame-aligned kinds: a flag summed into each frame where the semantic id changes
+    onset_input: bool = False         # coarse/acoustic delay kind: each frame's onset level summed in (data/onsets.py)
+    onset_dropout: float = 0.5        # the chance a training row gets no onset levels (prompts without a beat)
     code_dropout: float = 0.0         # delay kind: share of the input history hidden in training (leans on the condition)
     tie_embeddings: bool = False      # frame-aligned kinds: output weights = the code embeddings of the level
     unmasked_weight: float = 0.0      # masked kind: weight of the loss on the given cells of the level (copying)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import ConfigError
 from data.attributes import VOCAB as ATTRIBUTE_VOCAB, for_rows, null_like
 from stages.base import StageConfig
 from stages.frames import FrameModel, frame_rate_ids, level_losses
@@ -62,12 +63,16 @@ class DelayStage:
         self.lo, self.hi = level_range(cfg, cfg.role)
         self.ratio = int(round(cfg.acoustic_rate / cfg.semantic_rate))
         fine = cfg.role == "fine"   # as MusicLM's fine stage: reads the coarse codes, no text, no semantic ids
+        if cfg.onset_input and (fine or not cfg.semantic_input or self.kind != "delay"):
+            raise ConfigError(f"onset_input is summed with the semantic ids of a coarse or acoustic delay stage with "
+                              f"semantic_input=true (this one: {self.kind}, {cfg.role}); set onset_input=false")
         self.model = FrameModel(self.hi - self.lo, cfg.acoustic_codebook, 0 if fine else cfg.mulan_levels,
                                 cfg.mulan_codebook, cfg.semantic_codebook if cfg.semantic_input and not fine else 0,
                                 self.lo if fine else 0, cfg.dim, cfg.depth, cfg.heads, cfg.dropout, cfg.semantic_context,
                                 cfg.tie_embeddings, 0 if fine else cfg.mulan_vector_dim, cfg.cond_global and not fine,
                                 ATTRIBUTE_VOCAB if cfg.attribute_input and not fine else 0,
-                                cfg.acoustic_rate if cfg.beat_input and not fine else 0.0, cfg.semantic_onsets)
+                                cfg.acoustic_rate if cfg.beat_input and not fine else 0.0, cfg.semantic_onsets,
+                                cfg.onset_input)
 
     def sampling_defaults(self) -> dict:
         """The pipeline's default knobs for this stage (GenerationOptions override them)."""
@@ -77,6 +82,11 @@ class DelayStage:
     def takes_attributes(self) -> bool:
         """Does generate() read tempo and key ids (data/attributes.py)? The pipeline hands them only then."""
         return self.cfg.attribute_input
+
+    @property
+    def takes_onsets(self) -> bool:
+        """Does generate() read onset levels (data/onsets.py)?"""
+        return self.cfg.onset_input
 
     def level_names(self) -> list[str]:
         names = [f"coarse{q}" for q in range(self.cfg.coarse_levels)] + [f"fine{q}" for q in range(self.cfg.fine_levels)]
@@ -100,8 +110,10 @@ class DelayStage:
         known = batch["acoustic"][:, :self.lo].to(device) if self.role == "fine" else None
         cond = self.cond(batch["mulan"].to(device), None if drop_cond is None else drop_cond.to(device))
         attrs = for_rows(batch.get("attrs"), cond, drop_cond) if self.cfg.attribute_input else None
+        onsets = batch.get("onsets") if self.cfg.onset_input else None
         logits = (model or self.model)(cond, inputs, extend(semantic, T + K - 1), extend(known, T + K - 1), attrs=attrs,
-                                       beat_start=batch.get("beat_start", 0.0))
+                                       beat_start=batch.get("beat_start", 0.0),
+                                       onsets=None if onsets is None else onsets.to(device))
         return level_losses(logits, target, target != self.model.empty)
 
     def teacher_forced(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +145,11 @@ class DelayStage:
     def generate_codes(self, mulan: torch.Tensor, semantic: torch.Tensor | None, frames: int, s: Sampling = Sampling(),
                        prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
                        use_cache: bool = True, progress=None, attributes: torch.Tensor | None = None,
-                       beat_start: float = 0.0) -> torch.Tensor:
+                       beat_start: float = 0.0, onsets: torch.Tensor | None = None) -> torch.Tensor:
         """MuLan [B, Q_m] + semantic ids [B, T_s] covering prompt + new frames (+ prompt codes [B, K, P], + attribute
         ids [B, 2] for a stage trained with attribute_input; `beat_start`: where the prompt's first frame lies in
-        the music, in seconds, for the beat clock) -> new codes [B, K, frames]."""
+        the music, in seconds, for the beat clock; + onset levels [B, P + frames] for one with onset_input) -> new
+        codes [B, K, frames]."""
         B, P = len(mulan), 0 if prompt is None else prompt.shape[-1]
         codes = torch.full((B, self.hi - self.lo, P + frames), -1, dtype=torch.long)
         if prompt is not None:
@@ -145,7 +158,7 @@ class DelayStage:
         null = self.cond(mulan, torch.ones(B, dtype=torch.bool))
         attrs = for_rows(attributes, mulan) if self.cfg.attribute_input else None
         out = self.decode(mulan, null, codes, sem, None, s, generator, use_cache, progress, attrs=attrs,
-                          beat_start=beat_start)
+                          beat_start=beat_start, **({"onsets": onsets} if self.cfg.onset_input else {}))
         return out[..., P:]
 
     def generate_fine(self, coarse: torch.Tensor, s: Sampling = Sampling(), generator: torch.Generator | None = None,
@@ -160,7 +173,7 @@ class DelayStage:
 
     @torch.inference_mode()
     def decode(self, cond, null, codes, semantic, known, s: Sampling, generator, use_cache=True, progress=None,
-               attrs=None, beat_start: float = 0.0):
+               attrs=None, beat_start: float = 0.0, onsets=None):
         """Fill the -1 cells of codes [B, K, T] step by step; cells >= 0 are kept (a prompt). With guidance,
         conditional and null rows (null attributes too) run as one batch and their logits are mixed; with
         s.attribute_guidance, so do the conditional rows with null attributes (stages.sampling.guide)."""
@@ -170,7 +183,7 @@ class DelayStage:
         rows = torch.cat([cond, null, cond][:G])
         if attrs is not None and G > 1:
             attrs = torch.cat([attrs, null_like(attrs), null_like(attrs)][:G])
-        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows, attrs, beat_start)
+        semantic = model.semantic_features(both(extend(semantic, T + K - 1)), rows, attrs, beat_start, both(onsets))
         if semantic is not None and semantic.shape[1] == 1:   # cond_global without semantic ids: every step
             semantic = semantic.expand(-1, T + K - 1, -1)
         known = both(extend(known, T + K - 1))

@@ -9,6 +9,7 @@ the codes being made is given by construction instead of learned (SoundStorm's c
     semantic               |  + s1        + s1        + s2        + s2        (25 Hz ids repeated to 50 Hz)
     MuLan (cond_global)    |  + g         + g         + g         + g         (optional: the prefix pooled)
     attributes             |  + a         + a         + a         + a         (optional: tempo, key ids, summed)
+    onset levels           |  + o1        + o2        + o3        + o4        (optional: where notes start, data/onsets.py)
     known levels           |  + c1        + c2        + c3        + c4        (fine role: the coarse codes)
     own levels             |  + x1        + x2        + x3        + x4        (placed by the kind's pattern)
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from data.attributes import BEAT_VOCAB, beat_grid
+from data.onsets import NOT_GIVEN, VOCAB as ONSET_VOCAB, fit
 from stages.transformer import Block, run_blocks
 
 
@@ -35,7 +37,7 @@ class FrameModel(nn.Module):
     def __init__(self, levels: int, codebook: int, cond_levels: int, cond_codebook: int, semantic_codebook: int,
                  known_levels: int, dim: int, depth: int, heads: int, dropout: float, semantic_context: int = 0,
                  tie: bool = False, cond_dim: int = 0, cond_global: bool = False, attribute_vocab: int = 0,
-                 beat_rate: float = 0.0, semantic_onsets: bool = False):
+                 beat_rate: float = 0.0, semantic_onsets: bool = False, onset_input: bool = False):
         super().__init__()
         self.levels, self.codebook, self.heads = levels, codebook, heads
         self.empty, self.mask_id = codebook, codebook + 1
@@ -66,6 +68,9 @@ class FrameModel(nn.Module):
         # so the stage need not infer the change from two embeddings (tried: the shipped tokenizer's ids change
         # ~4 times per note onset, so the change says little; README "The stage table as a project command")
         self.onsets = nn.Embedding(2, dim) if semantic_codebook and semantic_onsets else None
+        # onset_input: each frame's onset level (data/onsets.py: the clip's own in training, a recording's or a
+        # metronome's at inference, NOT_GIVEN without either), so the stage is told where notes start
+        self.onset_in = nn.Embedding(ONSET_VOCAB, dim) if semantic_codebook and onset_input else None
         self.known = nn.Embedding(known_levels * codebook, dim) if known_levels else None
         self.register_buffer("known_offsets", torch.arange(known_levels) * codebook, persistent=False)
         self.codes = nn.Embedding(levels * (codebook + 2), dim)
@@ -78,7 +83,7 @@ class FrameModel(nn.Module):
         self.apply(self._init)
         if self.cond_global is not None:
             nn.init.zeros_(self.cond_global.weight)   # a warm start from a model without it begins as that model
-        for table in (self.attributes, self.beats, self.semantic_conv, self.onsets):   # likewise
+        for table in (self.attributes, self.beats, self.semantic_conv, self.onsets, self.onset_in):   # likewise
             if table is not None:
                 nn.init.zeros_(table.weight)
         if self.semantic_conv is not None:
@@ -112,10 +117,11 @@ class FrameModel(nn.Module):
         return self.cond_global(pooled.to(self.cond_global.weight.dtype))
 
     def semantic_features(self, semantic: torch.Tensor | None, cond: torch.Tensor | None = None,
-                          attrs: torch.Tensor | None = None, beat_start: float | torch.Tensor = 0.0) -> torch.Tensor | None:
+                          attrs: torch.Tensor | None = None, beat_start: float | torch.Tensor = 0.0,
+                          onsets: torch.Tensor | None = None) -> torch.Tensor | None:
         """Semantic ids [B, T] at the frame rate (+ MuLan tokens [B, Q_m] for cond_global, + attribute ids [B, A],
-        and with them the beat clock of frames 0..T-1 of a window `beat_start` seconds into the clip) -> what is
-        summed into each frame [B, T, D] (None: no input)."""
+        and with them the beat clock of frames 0..T-1 of a window `beat_start` seconds into the clip, + onset levels
+        [B, T'] (cut or padded to T; None: not given)) -> what is summed into each frame [B, T, D] (None: no input)."""
         g = None if cond is None else self.global_condition(cond)
         if self.attributes is not None and attrs is not None:
             a = self.attributes(attrs).sum(1)
@@ -129,6 +135,9 @@ class FrameModel(nn.Module):
             x = x + self.onsets(torch.nn.functional.pad((semantic[:, 1:] != semantic[:, :-1]).long(), (1, 0)))
         if self.beats is not None and attrs is not None:
             x = x + self.beats(beat_grid(attrs, x.shape[1], self.beat_rate, beat_start))
+        if self.onset_in is not None:
+            o = fit(onsets, x.shape[1]) if onsets is not None else semantic.new_full(semantic.shape, NOT_GIVEN)
+            x = x + self.onset_in(o.to(x.device))
         return x if g is None else x + g[:, None]
 
     def embed_frames(self, codes: torch.Tensor, semantic: torch.Tensor | None = None,
@@ -151,9 +160,10 @@ class FrameModel(nn.Module):
 
     def forward(self, cond: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor | None = None,
                 known: torch.Tensor | None = None, mask: torch.Tensor | str | None = "causal",
-                attrs: torch.Tensor | None = None, beat_start: float | torch.Tensor = 0.0) -> torch.Tensor:
+                attrs: torch.Tensor | None = None, beat_start: float | torch.Tensor = 0.0,
+                onsets: torch.Tensor | None = None) -> torch.Tensor:
         """The whole sequence at once (training, scoring) -> logits [B, T, K, V] of the frame positions."""
-        frames = self.embed_frames(codes, self.semantic_features(semantic, cond, attrs, beat_start), known)
+        frames = self.embed_frames(codes, self.semantic_features(semantic, cond, attrs, beat_start, onsets), known)
         x = torch.cat([self.embed_prefix(cond), frames], 1)
         return self.logits(run_blocks(self.blocks, x, self.heads, 0, None, mask)[:, cond.shape[1]:])
 

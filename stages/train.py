@@ -17,7 +17,7 @@ from common.config import load_config, parse_args_with_overrides
 from common.errors import UserError, run_cli
 from audio_tokenizers.melody import NONE as NO_MELODY
 from common.training import run
-from data import attributes
+from data import attributes, onsets
 from data.tokenize import TokenCache
 from stages.base import StageConfig, build_stage, save_stage
 
@@ -45,6 +45,8 @@ def check_cache(cfg: StageConfig, cache: TokenCache) -> None:
     if cfg.attribute_input and "attributes" not in cache.arrays:
         wrong.append("attribute_input needs each clip's tempo and key (python -m data.tokenize --attributes-only "
                      "--out CACHE --manifest ...)")
+    if cfg.onset_input and "onsets" not in cache.arrays:
+        wrong.append("onset_input needs each clip's onset levels (python -m data.tokenize --onsets-only --out CACHE)")
     if cfg.coarse_levels + cfg.fine_levels > ix["acoustic"]["levels"]:
         wrong.append(f"coarse_levels + fine_levels = {cfg.coarse_levels + cfg.fine_levels} but the codec has "
                      f"{ix['acoustic']['levels']} levels")
@@ -82,19 +84,22 @@ def batch_at(cache: TokenCache, rows: np.ndarray, cfg: StageConfig, step: int, b
             b["attrs"] = attributes.drop(b["attrs"], draws[5])
         if cfg.beat_input:   # where each window starts in its clip (s): the beat clock counts from the clip's start
             b["beat_start"] = torch.from_numpy(starts[mine]).double() / cfg.semantic_rate
+    if "onsets" in b and train:   # onset dropout: a share of rows learns to do without them
+        b["onsets"] = torch.where(draws[6][:, None], onsets.NOT_GIVEN, b["onsets"])
     return b, drop[mine]
 
 
 def condition_draws(cfg: StageConfig, g: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
     """Per row of the global batch: text or audio condition, which caption, how many levels kept, whether cut,
-    whether the melody and each attribute are hidden."""
+    whether the melody, each attribute and the onset levels are hidden."""
     use_text = torch.rand(batch, generator=g) < {"audio": 0.0, "text": 1.0, "mix": cfg.cond_text_prob}.get(cfg.cond_source, 0.0)
     which = torch.randint(0, 1 << 30, (batch,), generator=g)
     keep = torch.randint(1, max(2, cfg.mulan_levels), (batch,), generator=g)
     cut = torch.rand(batch, generator=g) < cfg.cond_level_dropout
     no_melody = torch.rand(batch, generator=g) < cfg.melody_dropout
-    no_attribute = torch.rand(batch, 2, generator=g) < cfg.attribute_dropout   # drawn last: older runs' draws stay
-    return use_text, which, keep, cut, no_melody, no_attribute
+    no_attribute = torch.rand(batch, 2, generator=g) < cfg.attribute_dropout   # drawn after the older draws: older
+    no_onsets = torch.rand(batch, generator=g) < cfg.onset_dropout             # runs' draws stay as they were
+    return use_text, which, keep, cut, no_melody, no_attribute, no_onsets
 
 
 def training_condition(b: dict, cfg: StageConfig, use_text, which, keep, cut) -> torch.Tensor:

@@ -165,7 +165,7 @@ def test_training_conditions_text_mix_and_level_dropout(tmp_path):
     assert torch.equal(b["mulan"][:, 0], audio_b["mulan"][:, 0]) and not torch.equal(b["mulan"], audio_b["mulan"])
     g = torch.Generator().manual_seed(0)
     mix = cfg_for("semantic", tmp_path, cond_source="mix", cond_text_prob=0.5, cond_level_dropout=1.0)
-    use_text, which, keep, cut, no_melody, no_attribute = condition_draws(mix, g, 400)
+    use_text, which, keep, cut, no_melody, no_attribute, no_onsets = condition_draws(mix, g, 400)
     assert 0.4 < no_melody.float().mean() < 0.6   # melody dropout 0.5 by default
     assert no_attribute.shape == (400, 2) and 0.4 < no_attribute.float().mean() < 0.6   # each attribute on its own
     assert 0.4 < use_text.float().mean() < 0.6 and cut.all() and set(keep.tolist()) == {1, 2}
