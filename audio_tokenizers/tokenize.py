@@ -68,22 +68,29 @@ def melody_array(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames:
     return np.pad(ids.numpy(), ((0, 0), (0, frames - ids.shape[1])), constant_values=SILENT).astype(np.int16)
 
 
-def add_melody(out: Path) -> None:
-    """Write melody.npy for an existing cache from its clips' audio (the paths its index records); a clip
-    whose file is gone or unreadable gets SILENT throughout, and is counted."""
-    cache = TokenCache(out)
-    ix, frames = cache.index, cache.arrays["semantic"].shape[1]
+def add_from_audio(out: Path, name: str, frames: int, fill: int, dtype, per_clip) -> None:
+    """Write `name`.npy [N, frames] for an existing cache, one row per clip from its audio (the paths its index
+    records) by per_clip(wav [1, 1, n], sample_rate) -> [1, frames]; a clip whose file is gone or unreadable keeps
+    `fill` throughout, and is counted."""
+    ix = TokenCache(out).index
     sr, n = ix["acoustic"]["sample_rate"], int(ix["seconds"] * ix["acoustic"]["sample_rate"])
-    ids, skips = np.full((len(ix["clips"]), frames), SILENT, dtype=np.int16), SkipCounter()
-    for i, clip in enumerate(tqdm(ix["clips"], desc="melody", mininterval=5.0)):
+    rows, skips = np.full((len(ix["clips"]), frames), fill, dtype=dtype), SkipCounter()
+    for i, clip in enumerate(tqdm(ix["clips"], desc=name, mininterval=5.0)):
         try:
             wav = crop_or_pad(load_audio(clip["audio"], sr), n)
         except AudioError as e:
             skips.add(e)
             continue
-        ids[i] = melody_array(torch.from_numpy(wav)[None, None], sr, ix["semantic"]["frame_rate"], frames)[0]
-    write_cache(out, {"melody": ids})
-    print(f"wrote the melody ids of {len(ids)} clips to {out / 'melody.npy'}; {skips.summary()}")
+        rows[i] = per_clip(torch.from_numpy(wav)[None, None], sr)[0]
+    write_cache(out, {name: rows})
+    print(f"wrote {name} for {len(rows)} clips to {out / f'{name}.npy'}; {skips.summary()}")
+
+
+def add_melody(out: Path) -> None:
+    """melody.npy from the clips' audio (SILENT where a clip cannot be read)."""
+    cache = TokenCache(out)
+    frames, rate = cache.arrays["semantic"].shape[1], cache.index["semantic"]["frame_rate"]
+    add_from_audio(out, "melody", frames, SILENT, np.int16, lambda w, sr: melody_array(w, sr, rate, frames))
 
 
 def onsets_array(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames: int) -> np.ndarray:
@@ -92,21 +99,10 @@ def onsets_array(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames:
 
 
 def add_onsets(out: Path) -> None:
-    """Write onsets.npy for an existing cache from its clips' audio; a clip whose file is gone or unreadable gets
-    NOT_GIVEN throughout (a training row without onsets), and is counted."""
+    """onsets.npy from the clips' audio (NOT_GIVEN where a clip cannot be read: a training row without onsets)."""
     cache = TokenCache(out)
-    ix, frames = cache.index, cache.arrays["acoustic"].shape[-1]
-    sr, n = ix["acoustic"]["sample_rate"], int(ix["seconds"] * ix["acoustic"]["sample_rate"])
-    levels, skips = np.full((len(ix["clips"]), frames), NOT_GIVEN, dtype=np.int8), SkipCounter()
-    for i, clip in enumerate(tqdm(ix["clips"], desc="onsets", mininterval=5.0)):
-        try:
-            wav = crop_or_pad(load_audio(clip["audio"], sr), n)
-        except AudioError as e:
-            skips.add(e)
-            continue
-        levels[i] = onsets_array(torch.from_numpy(wav)[None, None], sr, ix["acoustic"]["frame_rate"], frames)[0]
-    write_cache(out, {"onsets": levels})
-    print(f"wrote the onset levels of {len(levels)} clips to {out / 'onsets.npy'}; {skips.summary()}")
+    frames, rate = cache.arrays["acoustic"].shape[-1], cache.index["acoustic"]["frame_rate"]
+    add_from_audio(out, "onsets", frames, NOT_GIVEN, np.int8, lambda w, sr: onsets_array(w, sr, rate, frames))
 
 
 def tokenize(manifests: list[Path], out: Path, paths: dict[str, str | None], seconds: float,
