@@ -25,6 +25,7 @@ import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
+from data import onsets as ons
 from data.attributes import beat_frames, bpm_in_text, from_texts as attributes_from_texts, pulse_measure
 
 ROOT = Path(__file__).resolve().parent
@@ -355,7 +356,6 @@ class Pipeline:
         """Onset levels [B, frames] for a coarse stage with onset_input (None for any other): over a prompt audio
         (P frames) its own; after it a `rhythm` recording's (NOT_GIVEN past its end) or, with o.metronome, a click on
         each beat of the bpm the text states (a story's held until restated); NOT_GIVEN where neither says."""
-        from data import onsets as ons
         stage = self.parts["coarse"]
         if not getattr(stage, "takes_onsets", False):
             if rhythm is not None:
@@ -371,12 +371,11 @@ class Pipeline:
             out[:, P:P + n] = ons.onset_levels(rhythm[:, 0], self.sample_rate, rate, n).expand(B, -1)
         elif o.metronome:
             bpm = torch.zeros(B, frames)
-            for text, start in story or []:   # seconds from the start of the prompt audio, as the story's texts
-                said = bpm_in_text(text)
-                if said:
-                    bpm[:, int(round(start * rate)):] = said
             if not story:
                 bpm[:] = torch.tensor([bpm_in_text(t) or 0.0 for t in texts])[:, None]
+            for text, start in story or []:   # seconds from the start of the prompt audio, as the story's texts
+                if bpm_in_text(text):
+                    bpm[:, int(round(start * rate)):] = bpm_in_text(text)
             out[:, P:] = ons.metronome(bpm[:, P:], rate)
         return out
 

@@ -46,8 +46,6 @@ def metronome(bpm: torch.Tensor, frame_rate: float) -> torch.Tensor:
     return torch.where(bpm > 0, out, NOT_GIVEN).long()
 
 
-def fit(onsets: torch.Tensor | None, frames: int) -> torch.Tensor | None:
+def fit(onsets: torch.Tensor, frames: int) -> torch.Tensor:
     """Onset levels [B, T'] cut or padded (NOT_GIVEN) to [B, frames]."""
-    if onsets is None or onsets.shape[1] >= frames:
-        return None if onsets is None else onsets[:, :frames]
-    return torch.nn.functional.pad(onsets, (0, frames - onsets.shape[1]), value=NOT_GIVEN)
+    return torch.nn.functional.pad(onsets[:, :frames], (0, max(0, frames - onsets.shape[1])), value=NOT_GIVEN)
