@@ -25,7 +25,7 @@ import torch
 
 from common.config import register_config
 from common.errors import UserError, run_cli
-from data import onsets as ons
+from data import onsets as ons, tempo_guess
 from data.attributes import beat_frames, bpm_in_text, from_texts as attributes_from_texts, pulse_measure
 
 ROOT = Path(__file__).resolve().parent
@@ -58,6 +58,10 @@ class GenerationOptions:
     rerank: int = 1              # evaluation: make this many candidates per prompt, keep the best (Pipeline.rerank)
     rerank_tempo: float = 1.0    # ... by MuLan score + this x the pulse at the stated bpm
     metronome: bool = True       # a coarse stage with onset_input is given a click on every beat a prompt states
+    metronome_bpm: float = 0.0   # ... at this bpm where a prompt states none; 0: the tempo its words suggest
+    guess_tempo: bool = True     # ... (data/tempo_guess.py, where the MuLan folder has a tempo table), else none there
+    metronome_level: int = 0     # the click's onset level 1-3 (3: a hard attack); 0: as hard as the prompt's
+                                 # instrument strikes (the tempo table; 3 without one)
 
 
 def rerank_score(terms: dict, tempo_weight: float) -> torch.Tensor:
@@ -125,6 +129,8 @@ def load_parts(paths: dict[str, str]) -> dict:
             if not resolved[name].exists():
                 raise UserError(f"{resolved[name]} not found; train a fine stage or pass an acoustic-role coarse stage")
             parts[name] = loaders[name](resolved[name])
+            if name == "mulan":   # its tempo table, if it has one: a metronome for prompts that state no bpm
+                parts[name].tempo_table = tempo_guess.load(resolved[name], parts[name])
         except UserError as e:
             raise UserError(f"--stage {name}: {e}") from None
     check_fit(parts)
@@ -144,6 +150,7 @@ class Pipeline:
         self.sample_rate = self.codec.sample_rate
         self.ratio = int(round(self.codec.frame_rate / parts["semantic_tokenizer"].frame_rate))
         self.timings: dict[str, float] = {}
+        self.guessed: dict[str, float] = {}   # text -> the metronome bpm guessed for it (a prompt that states none)
         self.show_progress, self.where = False, "loading"   # a bar per stage on stderr; what runs now
 
     def _bar(self, name: str, seconds: float):
@@ -181,6 +188,7 @@ class Pipeline:
             raise UserError("no prompt given; pass --text or --story")
         torch.manual_seed(o.seed)
         g = torch.Generator().manual_seed(o.seed)
+        self.guessed = {}
         t0 = time.perf_counter()
         if story:   # one song whose condition changes over time; a tempo or key stated once holds until restated
             conds, none = [], attributes_from_texts([""])
@@ -370,14 +378,28 @@ class Pipeline:
             n = min(frames - P, int(rhythm.shape[-1] * rate // self.sample_rate))
             out[:, P:P + n] = ons.onset_levels(rhythm[:, 0], self.sample_rate, rate, n).expand(B, -1)
         elif o.metronome:
-            bpm = torch.zeros(B, frames)
-            if not story:
-                bpm[:] = torch.tensor([bpm_in_text(t) or 0.0 for t in texts])[:, None]
+            first = [t for t, _ in (story or [])[:1]] or texts   # a story: its first text's until one states a bpm
+            clicks = [self._click(t, o) for t in first]
+            bpm = torch.tensor([b for b, _ in clicks])[:, None].expand(B, frames).clone()
             for text, start in story or []:   # seconds from the start of the prompt audio, as the story's texts
                 if bpm_in_text(text):
                     bpm[:, int(round(start * rate)):] = bpm_in_text(text)
-            out[:, P:] = ons.metronome(bpm[:, P:], rate)
+            out[:, P:] = ons.metronome(bpm[:, P:], rate, torch.tensor([lv for _, lv in clicks]))
         return out
+
+    def _click(self, text: str, o: GenerationOptions) -> tuple[float, int]:
+        """The metronome for a text: (bpm, onset level). The bpm: the one it states, else o.metronome_bpm, else the
+        tempo its words suggest (o.guess_tempo; the MuLan folder's tempo table, data/tempo_guess.py), else 0 (none).
+        The level: o.metronome_level, else how hard its instrument strikes (the table), else 3."""
+        table = getattr(self.mulan, "tempo_table", None)
+        guessed, level = 0.0, ons.LEVELS - 1
+        if table is not None:
+            g, lv = tempo_guess.guess(table, self.mulan.embed_text([text]))
+            guessed, level = float(g[0]), int(lv[0])
+        bpm = bpm_in_text(text) or o.metronome_bpm or (guessed if o.guess_tempo else 0.0)
+        if bpm and not bpm_in_text(text) and not o.metronome_bpm:
+            self.guessed[text] = bpm
+        return float(bpm), int(o.metronome_level or level)
 
     def _fine(self, coarse, s, prompt, g):
         """Non-overlapping windows, all in one batch (as AudioLM's fine stage: the coarse codes carry

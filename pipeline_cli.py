@@ -123,7 +123,9 @@ def main() -> None:
     ap.add_argument("--rhythm", type=Path, default=None, metavar="AUDIO",
                     help="a recording whose note onsets the music follows (a coarse stage trained with onset_input)")
     ap.add_argument("--no-metronome", action="store_true",
-                    help="a coarse stage with onset_input gets no click at the bpm the prompt states")
+                    help="a coarse stage with onset_input gets no click at the bpm the prompt states (or suggests)")
+    ap.add_argument("--metronome-bpm", type=float, default=0.0, metavar="BPM",
+                    help="the click's tempo for a prompt that states none (default: the tempo its words suggest)")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--plot", action="store_true", help="save a log-mel spectrogram PNG beside each WAV")
     ap.add_argument("--int8", action="store_true", help="stages generate with int8 weights (faster on CPU)")
@@ -152,6 +154,8 @@ def main() -> None:
         raise UserError("--batch and --rerank must be at least 1")
     if args.rerank_tempo < 0:
         raise UserError(f"--rerank-tempo must be at least 0 (0: MuLan score alone), got {args.rerank_tempo}")
+    if not (args.metronome_bpm == 0 or 20 <= args.metronome_bpm <= 400):
+        raise UserError(f"--metronome-bpm must be between 20 and 400 (0: guessed from the words), got {args.metronome_bpm}")
     story = parse_story(args.story, args.duration) if args.story else None
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder; give a file name, e.g. --out {args.out / 'song.wav'}")
@@ -196,7 +200,8 @@ def main() -> None:
             source = torch.from_numpy(load_audio(args.semantic_from, pipe.sample_rate))[None, None]
         ids = pipe.semantic_ids(source)
         args.duration = min(args.duration, ids.shape[1] / pipe.parts["semantic_tokenizer"].frame_rate)
-    opts = GenerationOptions(seed=args.seed, guidance=args.guidance, metronome=not args.no_metronome)
+    opts = GenerationOptions(seed=args.seed, guidance=args.guidance, metronome=not args.no_metronome,
+                             metronome_bpm=args.metronome_bpm)
     for stage in ("semantic", "coarse", "fine"):
         for knob in ("temperature", "top_k", "top_p", "steps"):
             value = getattr(args, f"{stage}_{knob}")
@@ -225,6 +230,8 @@ def main() -> None:
         if args.plot:
             plot_single(w[0], pipe.sample_rate, path.with_suffix(".png"), path.stem)
         print(f"wrote {path} ({w.shape[-1] / pipe.sample_rate:.1f} s at {pipe.sample_rate} Hz)")
+    for text, bpm in pipe.guessed.items():
+        print(f"metronome at {bpm:.0f} bpm, the tempo the words suggest  ({text[:50]})")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in pipe.timings.items())
     print(f"loaded models in {load_s:.1f} s; generated in {gen_s:.1f} s ({times})")
 

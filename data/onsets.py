@@ -33,16 +33,16 @@ def onset_levels(wav: torch.Tensor, sample_rate: int, frame_rate: float, frames:
     return q[:, :frames]
 
 
-def metronome(bpm: torch.Tensor, frame_rate: float) -> torch.Tensor:
-    """The tempo of each frame [B, T] in bpm (0: none stated) -> onset levels [B, T]: 3 on the frame where each
-    beat falls (the first at frame 0, the phase carried across tempo changes), 0 between; NOT_GIVEN where no tempo
-    is stated."""
+def metronome(bpm: torch.Tensor, frame_rate: float, level: int | torch.Tensor = LEVELS - 1) -> torch.Tensor:
+    """The tempo of each frame [B, T] in bpm (0: none stated) -> onset levels [B, T]: `level` (3: a hard attack;
+    one for all rows or one per row [B]) on the frame where each beat falls (the first at frame 0, the phase carried
+    across tempo changes), 0 between; NOT_GIVEN where no tempo is stated."""
     step = bpm.double() / 60.0 / frame_rate                 # beats per frame
     phase = step.cumsum(1) - step                           # beats elapsed before each frame
     count = torch.floor(phase + 1e-9)
     beat = torch.ones_like(count, dtype=torch.bool)
     beat[:, 1:] = count[:, 1:] > count[:, :-1]
-    out = torch.where(beat, LEVELS - 1, 0)
+    out = torch.where(beat, torch.as_tensor(level).long().view(-1, 1), 0)
     return torch.where(bpm > 0, out, NOT_GIVEN).long()
 
 

@@ -56,8 +56,7 @@ def load_variant(path: Path) -> tuple[str, dict, object]:
     opts = GenerationOptions()
     for key, value in (spec.get("options") or {}).items():
         if not hasattr(opts, key):
-            raise UserError(f"variant {path}: unknown option {key!r}; "
-                            "use seed, guidance, semantic, coarse, fine, rerank, rerank_tempo, metronome")
+            raise UserError(f"variant {path}: unknown option {key!r}; use {', '.join(vars(GenerationOptions()))}")
         if isinstance(getattr(opts, key), dict):
             from dataclasses import fields
 
