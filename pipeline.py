@@ -60,8 +60,8 @@ class GenerationOptions:
     metronome: bool = True       # a coarse stage with onset_input is given a click on every beat a prompt states
     metronome_bpm: float = 0.0   # ... at this bpm where a prompt states none; 0: the tempo its words suggest
     guess_tempo: bool = True     # ... (data/tempo_guess.py, where the MuLan folder has a tempo table), else none there
-    metronome_level: int = 0     # the click's onset level 1-3 (3: a hard attack); 0: as hard as the prompt's
-                                 # instrument strikes (the tempo table; 3 without one)
+    metronome_level: int = 0     # the click's onset level 1-3 (3: a hard attack); 0: 3 for a stated bpm, else as
+                                 # hard as the prompt's instrument strikes (the tempo table; 3 without one)
 
 
 def rerank_score(terms: dict, tempo_weight: float) -> torch.Tensor:
@@ -390,16 +390,18 @@ class Pipeline:
     def _click(self, text: str, o: GenerationOptions) -> tuple[float, int]:
         """The metronome for a text: (bpm, onset level). The bpm: the one it states, else o.metronome_bpm, else the
         tempo its words suggest (o.guess_tempo; the MuLan folder's tempo table, data/tempo_guess.py), else 0 (none).
-        The level: o.metronome_level, else how hard its instrument strikes (the table), else 3."""
+        The level: o.metronome_level, else 3 for a tempo the prompt states (a hard click is followed best), else how
+        hard its instrument strikes (the table: a soft instrument is kept with a soft click), else 3."""
         table = getattr(self.mulan, "tempo_table", None)
         guessed, level = 0.0, ons.LEVELS - 1
         if table is not None:
             g, lv = tempo_guess.guess(table, self.mulan.embed_text([text]))
             guessed, level = float(g[0]), int(lv[0])
-        bpm = bpm_in_text(text) or o.metronome_bpm or (guessed if o.guess_tempo else 0.0)
-        if bpm and not bpm_in_text(text) and not o.metronome_bpm:
+        stated = bpm_in_text(text) or o.metronome_bpm
+        bpm = stated or (guessed if o.guess_tempo else 0.0)
+        if bpm and not stated:
             self.guessed[text] = bpm
-        return float(bpm), int(o.metronome_level or level)
+        return float(bpm), int(o.metronome_level or (ons.LEVELS - 1 if stated else level))
 
     def _fine(self, coarse, s, prompt, g):
         """Non-overlapping windows, all in one batch (as AudioLM's fine stage: the coarse codes carry

@@ -10,7 +10,8 @@ factor 1.5 of their median (a slow prompt gets a slow click, not three per beat)
 The click's onset level comes from the same neighbours: a choir's or a flute's notes start softly (the beat-rate
 frames of its clips are level 1), a harp's or a banjo's hard (level 3), and a level-3 click on every beat asks the
 stage for plucked notes whatever the prompt names. A clip's beat strength is the level of its n-th strongest frame,
-n = the beats in the clip; the guess is the median of the neighbours'.
+n = the beats in the clip; the guess is the median of the neighbours'. The pipeline clicks this softly only where it
+guessed the tempo: a stated bpm gets a hard click, which the stage follows best (README, session 18).
 
 The table (training captions' text embeddings [N, D], their clips' tempos and beat strengths [N]) belongs to the
 MuLan that embedded them and lives in its folder as `tempo_table.safetensors`, written by

@@ -60,7 +60,7 @@ def test_the_table_is_written_into_the_mulan_folder_and_refused_after_the_weight
     assert_clean_error(proc, "no rows with both a caption and a tempo")
 
 
-def test_a_prompt_without_a_bpm_gets_a_metronome_at_the_guessed_tempo_and_strength(tmp_path, monkeypatch):
+def test_a_prompt_without_a_bpm_gets_a_soft_metronome_at_the_guessed_tempo_and_strength(tmp_path, monkeypatch):
     parts = save_debug_parts(tmp_path / "parts")
     mulan = load_conditioner(parts / "mulan")
     tempo_guess.save(tempo_guess.build(mulan, ["a jig", "a jig again"], [150.0, 150.0], [1, 1]), parts / "mulan")
@@ -72,8 +72,8 @@ def test_a_prompt_without_a_bpm_gets_a_metronome_at_the_guessed_tempo_and_streng
     pipe.generate(["a jig", "a jig at 60 bpm"], 1.0, options=GenerationOptions(seed=0))
     got = torch.cat(seen, 1)
     assert torch.nonzero(got[0] == 1).ravel().tolist() == [0, 40, 80]      # 150 bpm guessed, the neighbours' level 1
-    assert torch.nonzero(got[1] == 1).ravel().tolist() == [0]              # a stated bpm wins
-    assert set(got.unique().tolist()) == {0, 1} and pipe.guessed == {"a jig": 150.0}
+    assert torch.nonzero(got[1] == 3).ravel().tolist() == [0]              # a stated bpm wins, with a hard click
+    assert set(got[0].unique().tolist()) == {0, 1} and pipe.guessed == {"a jig": 150.0}
     for opts, want in ((GenerationOptions(seed=0, metronome_bpm=100, metronome_level=3), [0, 60]),
                        (GenerationOptions(seed=0, guess_tempo=False, metronome_level=3), [])):
         seen.clear()
