@@ -37,6 +37,7 @@ FACTORS = torch.tensor([1.0, 2.0, 0.5, 3.0, 1 / 3])
 TOLERANCE = 0.04
 SPAN = 0.405                                   # log(1.5): how far from the neighbours' median a guess may go
 PROBES = ("a slow waltz on piano", "a fast reel on fiddle")   # re-embedded at load: the table fits this MuLan
+SAMPLE_RATE = 24000                            # clips are read at the codec's rate, as data.tokenize reads them
 
 
 def beat_strength(levels: torch.Tensor, bpm: float, frame_rate: float) -> int:
@@ -73,7 +74,7 @@ def load(folder: str | Path, mulan) -> dict[str, torch.Tensor] | None:
         now = mulan.embed_text(list(PROBES)).float()
     if not torch.allclose(now, table["probes"], atol=1e-3):
         raise CheckpointError(f"{path} was built with other MuLan weights; rebuild it: "
-                         f"python -m data.tempo_guess --mulan {folder} --manifest TRAIN.jsonl")
+                              f"python -m data.tempo_guess --mulan {folder} --manifest TRAIN.jsonl")
     return table
 
 
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"no rows with both a caption and a tempo in {', '.join(args.manifest)}")
         mulan = load_conditioner(args.mulan)
         kept, strength, skips = [], [], SkipCounter()
-        for row, wav in iter_audio(rows, 24000, skips):
-            frames = int(len(wav) / 24000 * args.frame_rate)
-            lv = onset_levels(torch.from_numpy(wav)[None], 24000, args.frame_rate, frames)[0]
+        for row, wav in iter_audio(rows, SAMPLE_RATE, skips):
+            frames = int(len(wav) / SAMPLE_RATE * args.frame_rate)
+            lv = onset_levels(torch.from_numpy(wav)[None], SAMPLE_RATE, args.frame_rate, frames)[0]
             kept.append(row)
             strength.append(beat_strength(lv, float(row["tempo"]), args.frame_rate))
         if not kept:
