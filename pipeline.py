@@ -382,8 +382,8 @@ class Pipeline:
             clicks = [self._click(t, o) for t in first]
             bpm = torch.tensor([b for b, _ in clicks])[:, None].expand(B, frames).clone()
             for text, start in story or []:   # seconds from the start of the prompt audio, as the story's texts
-                if bpm_in_text(text):
-                    bpm[:, int(round(start * rate)):] = bpm_in_text(text)
+                if said := bpm_in_text(text):
+                    bpm[:, int(round(start * rate)):] = said
             out[:, P:] = ons.metronome(bpm[:, P:], rate, torch.tensor([lv for _, lv in clicks]))
         return out
 

@@ -30,11 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import CheckpointError, UserError, umask_mode
+from evaluation.adherence import OCTAVE_FACTORS, TEMPO_TOLERANCE   # the tempo score's rule, which the vote uses
 
 FILE = "tempo_table.safetensors"
 GRID = torch.arange(40.0, 221.0)               # candidate bpm
-FACTORS = torch.tensor([1.0, 2.0, 0.5, 3.0, 1 / 3])
-TOLERANCE = 0.04
 SPAN = 0.405                                   # log(1.5): how far from the neighbours' median a guess may go
 PROBES = ("a slow waltz on piano", "a fast reel on fiddle")   # re-embedded at load: the table fits this MuLan
 SAMPLE_RATE = 24000                            # clips are read at the codec's rate, as data.tokenize reads them
@@ -84,9 +83,9 @@ def guess(table: dict[str, torch.Tensor], text_emb: torch.Tensor, k: int = 16) -
     sim = torch.nn.functional.normalize(text_emb.float(), dim=-1) @ keys.T
     nearest = sim.topk(min(k, len(keys)), dim=1).indices                               # [B, k]
     near = table["bpm"][nearest]
-    target = GRID[:, None] * FACTORS                                                  # [G, F]
+    target = GRID[:, None] * torch.tensor(OCTAVE_FACTORS)                            # [G, F]
     accepts = ((near[:, None, :, None] - target[None, :, None]).abs()
-               <= TOLERANCE * target[None, :, None]).any(-1)                          # [B, G, k]
+               <= TEMPO_TOLERANCE * target[None, :, None]).any(-1)                    # [B, G, k]
     votes = accepts.sum(-1).float()                                                   # [B, G]
     off = (GRID.log()[None] - near.log().median(1).values[:, None]).abs()             # |log(g / median)|
     votes[off > SPAN] = -1                        # a slow prompt's guess stays slow: no x2 or x3 of its neighbours

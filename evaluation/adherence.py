@@ -15,6 +15,7 @@ from data.attributes import ALIASES, PITCHES as NAMES   # one spelling of the ke
 MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 OCTAVE_FACTORS = (1.0, 2.0, 0.5, 3.0, 1 / 3)
+TEMPO_TOLERANCE = 0.04
 
 
 def estimate_tempo(wav: np.ndarray, sr: int) -> float:
@@ -23,7 +24,7 @@ def estimate_tempo(wav: np.ndarray, sr: int) -> float:
     return float(np.atleast_1d(tempo)[0])
 
 
-def tempo_correct(estimated: float, requested: float, tolerance: float = 0.04) -> bool:
+def tempo_correct(estimated: float, requested: float, tolerance: float = TEMPO_TOLERANCE) -> bool:
     return any(abs(estimated - f * requested) <= tolerance * f * requested for f in OCTAVE_FACTORS)
 
 
