@@ -61,6 +61,8 @@ class MuLanConfig(RunConfig):
     locked_audio_hash: str = ""        # filled at training time: the hash of the MuLan whose audio tokens this makes
     dev_prompts: str = ""              # lock_audio runs: a jsonl of prompts with instrument_label; each evaluation
                                        # scores them and keeps the best step in out/best (choose the step by it)
+    filler_words: float = 0.0          # lock_audio runs: the share of captions given 1-3 words no caption uses
+                                       # (data/filler_words.txt), so the tower learns to read past unknown words
     # training (and the run fields: common.training.RunConfig, with this part's defaults)
     train_manifest: str = "corpus/train.jsonl"
     valid_manifest: str = "corpus/valid.jsonl"

@@ -35,11 +35,11 @@ SHAPE_FIELDS = ("sample_rate", "embed_dim", "n_mels", "audio_dim", "audio_layers
                 "rvq_levels", "rvq_codebook_size")
 
 
-def lit_caption(row: dict, rng: np.random.Generator) -> str:
-    """A caption in the wider words of data.captions.describe (corpus clips), else the clip's caption."""
-    if cap.has_metadata(row):
-        return cap.describe(row, rng)
-    return row["caption"]
+def lit_caption(row: dict, rng: np.random.Generator, filler: list[str] | tuple = (), p_filler: float = 0.0) -> str:
+    """A caption in the wider words of data.captions.describe (corpus clips), else the clip's caption; with
+    probability p_filler salted with words of `filler` (data.captions.add_filler)."""
+    text = cap.describe(row, rng) if cap.has_metadata(row) else row["caption"]
+    return cap.add_filler(text, filler, rng, p_filler)
 
 
 def load_locked(cfg: MuLanConfig) -> tuple[MuLan, str]:
@@ -99,6 +99,7 @@ class LockedAudioTask:
             torch.save({"hash": cfg.locked_audio_hash, "bank": self.bank}, bank_file.with_suffix(".tmp"))
             bank_file.with_suffix(".tmp").replace(bank_file)
         self.valid = read_manifest(cfg.valid_manifest)[: cfg.eval_clips]
+        self.filler = cap.filler_words() if cfg.filler_words > 0 else []
         self.step, self.best = 0, -1.0
         if self.dev is not None:
             self.dev.set_centroids(self.bank[:, 0])
@@ -115,8 +116,8 @@ class LockedAudioTask:
         idx = torch.randint(len(self.rows), (cfg.batch_size,), generator=g)
         view = torch.randint(self.bank.shape[1], (cfg.batch_size,), generator=g)
         a = self.bank[idx, view].to(self.model.logit_scale.device)
-        texts = [lit_caption(self.rows[int(i)], np.random.default_rng([cfg.seed, step, micro, j]))
-                 for j, i in enumerate(idx)]
+        texts = [lit_caption(self.rows[int(i)], np.random.default_rng([cfg.seed, step, micro, j]), self.filler,
+                             cfg.filler_words) for j, i in enumerate(idx)]
         t = self.model.text(texts)
         scale = self.model.logit_scale.exp().clamp(max=100)
         same = idx[:, None] == idx[None, :]          # a clip drawn twice is not its own negative

@@ -112,6 +112,9 @@ class MuLanTask:
 
 
 def train(cfg: MuLanConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    if not 0.0 <= cfg.filler_words <= 1.0 or (cfg.filler_words and not cfg.lock_audio):
+        raise UserError(f"filler_words={cfg.filler_words}: a share in [0, 1], and only for text-tower runs "
+                        "(lock_audio=<a MuLan>); drop it or set lock_audio")
     if cfg.lock_audio:
         from audio_tokenizers.mulan_lit import LockedAudioTask
         return run(LockedAudioTask(cfg), cfg, resume, stop_after, betas=(0.9, 0.999))

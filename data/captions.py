@@ -196,3 +196,23 @@ def describe(meta: dict, rng: np.random.Generator) -> str:
     text = sep.join(clauses[k] for k in order)
     return cap_first(text)
 
+
+
+def filler_words() -> list[str]:
+    """The words of data/filler_words.txt (general English that no caption uses; see its header)."""
+    from pathlib import Path
+    lines = (Path(__file__).with_name("filler_words.txt")).read_text().splitlines()
+    return [w for w in lines if w and not w.startswith("#")]
+
+
+def add_filler(text: str, words: list[str] | tuple, rng: np.random.Generator, p: float) -> str:
+    """With probability p, one to three of `words` put between the words of `text` at random places. A user's
+    prompt has words no training caption has ("lonely", "sings"); their sentencepiece pieces are pieces the
+    tower learned elsewhere and pull the embedding anywhere. Training captions salted with unknown words teach
+    it to read past them to the words it knows."""
+    if p <= 0 or not words or rng.random() >= p:
+        return text
+    tokens = text.split(" ")
+    for _ in range(int(rng.integers(1, 4))):
+        tokens.insert(int(rng.integers(len(tokens) + 1)), pick(rng, words))
+    return " ".join(tokens)

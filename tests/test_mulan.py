@@ -164,7 +164,7 @@ def test_locked_audio_retrains_only_the_text_tower(trained):
            f"train_manifest={manifest}"]
     proc, bad_dim, bad_dev = run_modules(    # the two refusals beside the run, each into a folder of its own
         [*lit, f"valid_manifest={manifest}", f"out={d / 'lit'}", "steps=25", "batch_size=16", "lr=0.003",
-         f"dev_prompts={dev}"],
+         f"dev_prompts={dev}", "filler_words=0.5"],
         [*lit, "text_dim=64", f"out={d / 'lit_bad_dim'}", "steps=2"],
         [*lit, f"out={d / 'lit_bad_dev'}", "steps=2", f"dev_prompts={theremin}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,3 +187,32 @@ def test_locked_audio_retrains_only_the_text_tower(trained):
     assert not (d / "lit_bad_dim/model").exists()
     assert_clean_error(bad_dev, "theremin")
     assert not (d / "lit_bad_dev/audio_bank.pt").exists()     # refused before the bank is computed
+
+
+def test_filler_words_salt_a_caption_and_name_nothing():
+    """add_filler: p=0 leaves the caption (and the random stream) as it was; p=1 puts 1-3 list words between the
+    caption's words, which keep their order; the shipped list shares no word with what captions can say."""
+    from data.captions import add_filler, describe, filler_words
+    words = filler_words()
+    assert len(words) > 1000 and len(set(words)) == len(words)
+    meta = {"style": "jig", "players": "fiddle", "instruments": ["fiddle"], "tempo": 120, "key": "D major",
+            "mode": "major", "meter": "6/8", "source": "score"}
+    spoken = set()
+    for seed in range(200):
+        spoken |= set(describe(meta, np.random.default_rng(seed)).lower().replace(",", " ").split())
+    assert not spoken & set(words)
+    assert not {"note", "keys", "band", "scale", "sound"} & set(words)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert add_filler("a fiddle jig", words, a, 0.0) == "a fiddle jig" and a.random() == b.random()
+    for seed in range(20):
+        out = add_filler("a fiddle jig at 120 bpm", words, np.random.default_rng(seed), 1.0).split()
+        extra = [w for w in out if w not in "a fiddle jig at 120 bpm".split()]
+        assert 1 <= len(extra) <= 3 and all(w in words for w in extra)
+        assert [w for w in out if w not in extra] == "a fiddle jig at 120 bpm".split()
+
+
+def test_filler_words_refused_outside_text_tower_runs(tmp_path):
+    proc = run_module("audio_tokenizers.mulan", "train", "--config", "configs/debug/mulan.yaml", "filler_words=0.5",
+                      f"out={tmp_path / 'run'}")
+    assert_clean_error(proc, "filler_words")
+    assert not (tmp_path / "run").exists()
