@@ -58,7 +58,8 @@ class MuLanConfig(RunConfig):
     dropout: float = 0.1               # in both towers (0 for runs that must match across DDP ranks exactly)
     lock_audio: str = ""               # a MuLan whose audio tower and RVQ are kept: only the text tower trains
                                        # (mulan_lit.py), so the audio tokens stay that MuLan's
-    locked_audio_hash: str = ""        # filled at training time: the hash of the MuLan whose audio tokens this makes
+    locked_audio_hash: str = ""        # filled at training time: the hashes (comma-separated) of the MuLans whose
+                                       # audio tokens this one makes
     dev_prompts: str = ""              # lock_audio runs: a jsonl of prompts with instrument_label; each evaluation
                                        # scores them and keeps the best step in out/best (choose the step by it)
     filler_words: float = 0.0          # lock_audio runs: the share of captions given 1-3 words no caption uses

@@ -8,8 +8,9 @@ trains, on captions in wider words (data.captions.describe), to land where the l
 clip. With the audio side fixed, its embeddings are computed once (a bank of crops per training clip, saved
 beside the run), and a step is a text forward and backward only: a large batch costs little.
 
-The checkpoint records `locked_audio_hash`, the hash of the MuLan whose audio tokens it makes
-(data.tokenize.mulan_audio_hashes reads it), so caches and stages made with that MuLan accept this one.
+The checkpoint records `locked_audio_hash`, the hashes of the MuLans whose audio tokens it makes (the locked one's
+and, when that one was itself a LiT run, those it recorded; data.tokenize.mulan_audio_hashes reads them), so
+caches and stages made with any of them accept this one.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def lit_caption(row: dict, rng: np.random.Generator, filler: list[str] | tuple =
 
 
 def load_locked(cfg: MuLanConfig) -> tuple[MuLan, str]:
-    """The MuLan named by lock_audio, checked to have this config's shapes -> (model, its audio-token hash)."""
-    from data.tokenize import checkpoint_hash
+    """The MuLan named by lock_audio, checked to have this config's shapes -> (model, the hashes of every MuLan
+    that makes its audio tokens, comma-separated)."""
+    from data.tokenize import mulan_audio_hashes
     path = Path(cfg.lock_audio)
     if not (path / "config.json").is_file():
         raise UserError(f"lock_audio={path}: no MuLan checkpoint there; pass a trained one (e.g. pretrained/mulan)")
@@ -57,7 +59,7 @@ def load_locked(cfg: MuLanConfig) -> tuple[MuLan, str]:
     proto = bytes(ck.state_dict["spm_proto"].numpy().tobytes())
     model = MuLan(cfg, None if cfg.text_pretrained_path else proto)
     load_weights(model, ck.state_dict, path)
-    return model, theirs.locked_audio_hash or checkpoint_hash(path)   # locking a locked MuLan: the original
+    return model, ",".join(sorted(mulan_audio_hashes(path)))   # locking a locked MuLan: its own and its lock's
 
 
 @torch.no_grad()

@@ -57,10 +57,10 @@ def checkpoint_hashes(path: str | Path) -> set[str]:
 
 def mulan_audio_hashes(path: str | Path) -> set[str]:
     """The hashes that identify the audio tokens a MuLan checkpoint makes: its own, and for a MuLan whose text tower
-    was retrained against a locked audio tower (audio_tokenizers/mulan_lit.py) the hash of the MuLan it locked."""
+    was retrained against a locked audio tower (audio_tokenizers/mulan_lit.py) the hashes of the MuLans it locked."""
     cfg_file = Path(path) / "config.json"
     locked = json.loads(cfg_file.read_text()).get("config", {}).get("locked_audio_hash") if cfg_file.is_file() else None
-    return checkpoint_hashes(path) | ({locked} if locked else set())
+    return checkpoint_hashes(path) | set(filter(None, (locked or "").split(",")))
 
 
 class TokenCache:
