@@ -101,8 +101,11 @@ def label_table(cache, manifests: list[Path]) -> list[dict | None]:
 
 @torch.no_grad()
 def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: list[dict], seconds: float = 10.0,
-                    sampling=None, seed: int = 0) -> dict:
-    """Probe accuracy on semantic ids generated from `prompts`, and on held-out real ids, per attribute."""
+                    sampling=None, seed: int = 0, samples: int = 1) -> dict:
+    """Probe accuracy on semantic ids generated from `prompts`, and on held-out real ids, per attribute. With
+    `samples` > 1 each prompt is generated that many times (seeds seed, seed + 1, ...; the first is the one-sample
+    run) and "generated" is the mean over them, each sample's accuracy listed beside it: one sample of 40 prompts
+    moves by a prompt or two between seeds."""
     from evaluation.semantic import bags
     from stages.sampling import Sampling
     k = stage.cfg.semantic_codebook
@@ -112,9 +115,11 @@ def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: lis
     text = mulan.tokens(mulan.embed_text(captions))[:, : stage.cfg.mulan_levels]
     n = int(round(seconds * stage.cfg.semantic_rate))
     sampling = sampling or Sampling(guidance=3.0)
-    gen = stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed),
-                         attributes=from_texts(captions))   # what the prompts state (read by attribute_input stages)
-    out = {"prompts": len(prompts), "guidance": sampling.guidance, "temperature": sampling.temperature}
+    gens = [stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed + s),
+                           attributes=from_texts(captions))   # what the prompts state (read by attribute_input stages)
+            for s in range(samples)]
+    out = {"prompts": len(prompts), "guidance": sampling.guidance, "temperature": sampling.temperature,
+           "samples": samples}
     for name, get in ATTRIBUTES.items():
         train = [i for i in cache.rows("train") if labels[i] is not None and get(labels[i]) is not None]
         held = [i for i in np.concatenate([cache.rows("valid"), cache.rows("test")]) if labels[i] is not None
@@ -127,9 +132,13 @@ def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: lis
         from sklearn.preprocessing import StandardScaler
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
         clf.fit(bags(torch.from_numpy(ids[train].astype(np.int64)), k), [get(labels[i]) for i in train])
-        pred = clf.predict(bags(gen[asked], k))
-        out[name] = {"generated": round(float(np.mean(pred == np.array([get(prompts[j]) for j in asked], dtype=object))), 4),
-                     "prompts": len(asked), "distinct_predicted": int(len(set(pred)))}
+        truth = np.array([get(prompts[j]) for j in asked], dtype=object)
+        preds = [clf.predict(bags(gen[asked], k)) for gen in gens]
+        each = [round(float(np.mean(pred == truth)), 4) for pred in preds]
+        out[name] = {"generated": round(float(np.mean(each)), 4), "prompts": len(asked),
+                     "distinct_predicted": int(len(set(preds[0])))}
+        if samples > 1:
+            out[name]["per_sample"] = each
         if held:
             real = clf.predict(bags(torch.from_numpy(ids[held].astype(np.int64)), k))
             out[name]["real_held_out"] = round(float(np.mean(real == np.array([get(labels[i]) for i in held], dtype=object))), 4)
@@ -156,7 +165,11 @@ def main() -> None:
                     help="classifier-free guidance scales for --generate-from (one probe row each)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
                     help="sampling temperatures for --generate-from (crossed with --guidance)")
+    ap.add_argument("--samples", type=int, default=1,
+                    help="--generate-from: generations per prompt (seeds 0..N-1); the probe reports their mean")
     args = ap.parse_args()
+    if args.samples < 1:
+        raise UserError(f"--samples {args.samples}: generate at least 1 sample per prompt")
     if min(args.guidance) < 0 or min(args.temperature) < 0:
         raise UserError("--guidance and --temperature must be >= 0 (1.0 turns guidance off)")
     if args.generate_from and (not args.generate_from.is_file() or not args.labels):
@@ -195,7 +208,8 @@ def main() -> None:
             rows_out = []
             for g in args.guidance:
                 for t in args.temperature:
-                    rows_out.append(generated_probe(stage, mulan, cache, labels, prompts, sampling=Sampling(guidance=g, temperature=t)))
+                    rows_out.append(generated_probe(stage, mulan, cache, labels, prompts,
+                                                    sampling=Sampling(guidance=g, temperature=t), samples=args.samples))
                     print(name, "generated", json.dumps(rows_out[-1]), flush=True)
             results[name]["generated"] = rows_out[0] if len(rows_out) == 1 else rows_out
     if args.out:

@@ -205,6 +205,10 @@ def test_conditioning_signal_of_a_stage_that_reads_its_condition(tmp_path):
     probe = generated_probe(stage, Words(), cache, labels, prompts, seconds=1.0)
     assert probe["instrument"]["prompts"] == 16 and probe["instrument"]["generated"] > 0.8
     assert "real_held_out" in probe["instrument"] and "tempo_band" not in probe
+    three = generated_probe(stage, Words(), cache, labels, prompts, seconds=1.0, samples=3)   # seeds 0, 1, 2
+    each = three["instrument"]["per_sample"]
+    assert three["samples"] == 3 and len(each) == 3 and each[0] == probe["instrument"]["generated"]
+    assert three["instrument"]["generated"] == pytest.approx(np.mean(each), abs=1e-4)
     from stages.sampling import Sampling   # the sweep records its setting; guidance 0 samples the prompt-blind model
     blind = generated_probe(stage, Words(), cache, labels, prompts, seconds=1.0, sampling=Sampling(guidance=0.0))
     assert (blind["guidance"], blind["temperature"]) == (0.0, 1.0)
@@ -219,3 +223,5 @@ def test_conditioning_signal_of_a_stage_that_reads_its_condition(tmp_path):
     assert set(got["trained_on"]["window"]) == set(got["window"])
     assert_clean_error(run_module("evaluation.conditioning", "--stage", "semantic=x", "--cache", "y",
                                   "--guidance", "-1"), "--guidance")
+    assert_clean_error(run_module("evaluation.conditioning", "--stage", "semantic=x", "--cache", "y",
+                                  "--samples", "0"), "--samples")
