@@ -197,11 +197,10 @@ def describe(meta: dict, rng: np.random.Generator) -> str:
     return cap_first(text)
 
 
-
 def filler_words() -> list[str]:
     """The words of data/filler_words.txt (general English that no caption uses; see its header)."""
     from pathlib import Path
-    lines = (Path(__file__).with_name("filler_words.txt")).read_text().splitlines()
+    lines = Path(__file__).with_name("filler_words.txt").read_text().splitlines()
     return [w for w in lines if w and not w.startswith("#")]
 
 
