@@ -115,8 +115,8 @@ def generated_probe(stage, mulan, cache, labels: list[dict | None], prompts: lis
     text = mulan.tokens(mulan.embed_text(captions))[:, : stage.cfg.mulan_levels]
     n = int(round(seconds * stage.cfg.semantic_rate))
     sampling = sampling or Sampling(guidance=3.0)
-    gens = [stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed + s),
-                           attributes=from_texts(captions))   # what the prompts state (read by attribute_input stages)
+    stated = from_texts(captions)   # what the prompts state (read by attribute_input stages)
+    gens = [stage.generate(text, n, sampling, generator=torch.Generator().manual_seed(seed + s), attributes=stated)
             for s in range(samples)]
     out = {"prompts": len(prompts), "guidance": sampling.guidance, "temperature": sampling.temperature,
            "samples": samples}
