@@ -28,6 +28,15 @@ def tempo_correct(estimated: float, requested: float, tolerance: float = TEMPO_T
     return any(abs(estimated - f * requested) <= tolerance * f * requested for f in OCTAVE_FACTORS)
 
 
+def tempo_chance(estimated: list[float], requested: list[float], tolerance: float = TEMPO_TOLERANCE) -> float:
+    """The tempo score with the prompts shuffled: each clip's estimate against every other prompt's bpm. A chain
+    that ignores the asked tempo scores this much (the octave factors and the corpus's narrow tempo ranges make
+    it far from 0); the tempo counterpart of MuLan's shuffled cycle consistency."""
+    n = len(estimated)
+    hits = [tempo_correct(estimated[i], requested[j], tolerance) for i in range(n) for j in range(n) if i != j]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
 def estimate_key(wav: np.ndarray, sr: int) -> str:
     """-> e.g. "G major", "F# minor"."""
     import librosa
@@ -51,8 +60,9 @@ def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=Non
               per_clip: list[dict] | None = None) -> dict:
     """Accuracy of tempo, key and instrument against the rows' metadata, each over the rows that state it
     (`n_tempo`, ... say how many when not all do); `instrument_distinct_correct` counts the different
-    instruments recognised where asked for. With `per_clip` (one dict per row), each clip's outcome is
-    added to its dict as `tempo_ok`, `key_ok`, `instrument_ok` (and `instrument_heard`)."""
+    instruments recognised where asked for; `tempo_chance` is the tempo score with the prompts shuffled. With
+    `per_clip` (one dict per row), each clip's outcome is added to its dict as `tempo_ok`, `key_ok`,
+    `instrument_ok` (and `instrument_heard`, `tempo_estimated`)."""
     from evaluation.codec import mfcc_features
     out = {}
     for field, name in (("tempo", "tempo"), ("key", "key"), ("instrument_label", "instrument")):
@@ -60,7 +70,12 @@ def adherence(rows: list[dict], waves: list[np.ndarray], sr: int, classifier=Non
         if not asked or (name == "instrument" and classifier is None):
             continue
         if name == "tempo":
-            ok = [tempo_correct(estimate_tempo(waves[i], sr), float(rows[i]["tempo"])) for i in asked]
+            est, want = [estimate_tempo(waves[i], sr) for i in asked], [float(rows[i]["tempo"]) for i in asked]
+            ok = [tempo_correct(e, w) for e, w in zip(est, want)]
+            out["tempo_chance"] = tempo_chance(est, want)
+            if per_clip is not None:
+                for i, e in zip(asked, est):
+                    per_clip[i]["tempo_estimated"] = round(e, 2)
         elif name == "key":
             ok = [normalise_key(estimate_key(waves[i], sr)) == normalise_key(rows[i]["key"]) for i in asked]
         else:

@@ -14,6 +14,7 @@ Metrics (see evaluation/metrics.py and evaluation/adherence.py):
 - `mcc` / `mcc_shuffled`: MuLan cycle consistency, with the pipeline's own conditioner;
 - `kl`: KL(reference || output) of the instrument classifier's label distributions;
 - `tempo_acc`, `key_acc`, `instrument_acc` on the outputs, and `ref_*` the same on the references;
+- `tempo_chance`: the outputs' tempo score against shuffled prompts (what ignoring the asked tempo scores);
 - `codec_mel_distance`, `codec_si_snr_db`: encode-decode of the references by the pipeline's codec;
 - `seconds_per_clip`: median generation time.
 """
@@ -33,8 +34,8 @@ from common.errors import UserError, run_cli
 from data.audio import crop_or_pad, load_audio, write_wav
 from data.manifest import read_manifest, read_prompts
 
-TABLE_KEYS = ["fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "key_acc", "instrument_acc",
-              "instrument_distinct_correct",
+TABLE_KEYS = ["fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "tempo_chance", "key_acc",
+              "instrument_acc", "instrument_distinct_correct",
               "ref_tempo_acc", "ref_key_acc", "ref_instrument_acc", "codec_mel_distance", "seconds_per_clip"]
 
 

@@ -48,6 +48,45 @@ def test_click_track_at_120_bpm_is_measured_as_120():
     assert not tempo_correct(100, 120) and not tempo_correct(130, 120)
 
 
+def test_tempo_chance_scores_each_estimate_against_the_other_prompts():
+    from evaluation.adherence import tempo_chance
+    assert tempo_chance([120.0, 80.0], [120.0, 60.0]) == 0.5     # 120 is 60's double; 80 is not 120's
+    assert tempo_chance([100.0, 100.0, 100.0], [100.0, 50.0, 300.0]) == 1.0   # octave factors all the way
+    assert tempo_chance([100.0, 100.0], [100.0, 130.0]) == 0.5
+
+
+def test_tempo_ceiling_counts_a_prompt_only_where_its_tempo_is_knowable_and_its_reference_tracked(parts, tmp_path,
+                                                                                              monkeypatch):
+    import shutil
+    from audio_tokenizers.mulan import load_conditioner
+    from data import tempo_guess
+    from evaluation.tempo_ceiling import main
+    mulan_dir = tmp_path / "mulan"
+    shutil.copytree(parts / "mulan", mulan_dir)
+    assert_clean_error(run_module("evaluation.tempo_ceiling", "--prompts", str(parts / "test.jsonl"), "--mulan",
+                                  str(mulan_dir)), "has no tempo table")
+    mulan = load_conditioner(mulan_dir)
+    tempo_guess.save(tempo_guess.build(mulan, ["an organ hymn"] * 2, [80.0, 80.0], [1, 1]), mulan_dir)  # guesses 80
+    rows = [("a slow organ hymn", 80, 80),        # no bpm stated, the guess right, tracked: counts
+            ("a brisk organ hymn", 110, 110),     # no bpm stated, the guess (80) wrong: does not
+            ("piano at 120 bpm", 120, 120),       # stated and tracked: counts
+            ("piano at 100 bpm", 100, 120)]       # stated, but its reference clicks at 120: the tracker misses it
+    for i, (caption, tempo, clicks) in enumerate(rows):
+        sf.write(tmp_path / f"{i}.wav", click_track(clicks, 6.0), SR)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"audio": f"{i}.wav", "caption": c, "tempo": t}) + "\n"
+                                              for i, (c, t, _) in enumerate(rows)))
+    in_process(monkeypatch, main, "--prompts", tmp_path / "p.jsonl", "--mulan", mulan_dir, "--out", tmp_path / "c.json")
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert [p["tracked"] for p in got["prompts"]] == [True, True, True, False]
+    assert [p["guess_right"] for p in got["prompts"]] == [True, False, False, False]
+    s = got["summary"]
+    assert (s["prompts"], s["stated"], s["ceiling"], s["knowable_only"]) == (4, 2, 0.5, 0.75)
+    assert s["reference_tracked"] == 0.75 and s["guess_right_of_unstated"] == 0.5
+    (tmp_path / "bare.jsonl").write_text('{"audio": "0.wav", "caption": "an organ"}\n')   # no metadata tempo
+    assert_clean_error(run_module("evaluation.tempo_ceiling", "--prompts", str(tmp_path / "bare.jsonl"), "--mulan",
+                                  str(mulan_dir)), "needs its metadata tempo")
+
+
 def test_onset_alignment_is_one_for_the_same_notes_and_low_for_shifted_ones():
     from evaluation.oracle import onset_alignment
     clicks = torch.from_numpy(np.stack([click_track(120, 4), click_track(120, 4)]))
@@ -116,14 +155,16 @@ def test_generate_and_score_writes_scores_table_and_grid(parts, tmp_path, monkey
                "--fad", "features", "mulan", *stage_flags(parts))
     res = json.loads((tmp_path / "gen/scores.json").read_text())
     assert res["clips"] == 2 and len(list((tmp_path / "gen/clips").glob("*.wav"))) == 2
-    for key in ("fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "ref_tempo_acc",
-                "instrument_acc", "codec_mel_distance", "seconds_per_clip"):
+    for key in ("fad_features", "fad_mulan", "mcc", "mcc_shuffled", "kl", "tempo_acc", "tempo_chance",
+                "ref_tempo_acc", "instrument_acc", "codec_mel_distance", "seconds_per_clip"):
         assert key in res, key
     assert -1 <= res["mcc"] <= 1 and res["kl"] >= 0 and res["fad_features"] >= 0
     clips = [json.loads(l) for l in (tmp_path / "gen/clips.jsonl").read_text().splitlines()]   # the same, per clip
     assert len(clips) == 2 and abs(np.mean([c["mcc"] for c in clips]) - res["mcc"]) < 1e-3
     for key in ("tempo", "instrument"):
         assert np.mean([c[f"{key}_ok"] for c in clips]) == res[f"{key}_acc"]
+    est = [c["tempo_estimated"] for c in clips]   # the chance baseline is the clips' estimates, prompts swapped
+    assert res["tempo_chance"] == np.mean([tempo_correct(est[0], 90), tempo_correct(est[1], 120)])
     assert "| default |" in (tmp_path / "gen/scores.md").read_text()
     assert (tmp_path / "gen/grid.png").stat().st_size > 1000
     assert_clean_error(run_module("evaluation.generate_and_score", "--prompts", str(tmp_path / "none.txt"),
