@@ -57,7 +57,9 @@ def main() -> None:
 
     use_threads()
     rows = load_prompts(Path(args.prompts), args.limit)
-    if not rows or any("tempo" not in r or "audio" not in r for r in rows):
+    if not rows:
+        raise UserError(f"{args.prompts}: no prompts to score; give a non-empty manifest and --limit of at least 1")
+    if any("tempo" not in r or "audio" not in r for r in rows):
         raise UserError(f"{args.prompts}: every row needs its metadata tempo and reference audio "
                         f"(a corpus manifest such as corpus/test.jsonl)")
     mulan = load_conditioner(args.mulan)

@@ -83,6 +83,8 @@ def test_tempo_ceiling_counts_a_prompt_only_where_its_tempo_is_knowable_and_its_
     assert (s["prompts"], s["stated"], s["ceiling"], s["knowable_only"]) == (4, 2, 0.5, 0.75)
     assert s["reference_tracked"] == 0.75 and s["guess_right_of_unstated"] == 0.5
     (tmp_path / "bare.jsonl").write_text('{"audio": "0.wav", "caption": "an organ"}\n')   # no metadata tempo
+    assert_clean_error(run_module("evaluation.tempo_ceiling", "--prompts", str(tmp_path / "p.jsonl"), "--limit", "0",
+                                  "--mulan", str(mulan_dir)), "no prompts to score")
     assert_clean_error(run_module("evaluation.tempo_ceiling", "--prompts", str(tmp_path / "bare.jsonl"), "--mulan",
                                   str(mulan_dir)), "needs its metadata tempo")
 
